@@ -1,0 +1,195 @@
+"""Pydantic models mirroring the groups of ``params.yaml``; errors name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffprune.errors import DiffpruneError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Strict):
+    """Which images to prepare and how (stage ``prepare``)."""
+
+    dataset: Literal["digits", "imagefolder", "cifar10"] = "digits"
+    path: str | None = Field(None, description="imagefolder root, or where cifar10 lives / is downloaded")
+    resolution: int = Field(16, ge=8, le=1024)
+    channels: Literal[1, 3] | None = Field(None, description="default: 1 for digits, 3 otherwise")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share (digits, imagefolder)")
+    max_images: int | None = Field(None, ge=2, description="cap on images taken from the source")
+    download: bool = Field(True, description="cifar10: download when no local copy exists")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataParams:
+        if self.dataset == "imagefolder" and not self.path:
+            raise ValueError("data.path is required when data.dataset is 'imagefolder'")
+        return self
+
+    @property
+    def n_channels(self) -> int:
+        return self.channels or (1 if self.dataset == "digits" else 3)
+
+
+class TrainParams(_Strict):
+    """The one training loop: teacher training and fine-tuning of pruned models."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1, description="per process")
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = Field(True, description="decay min(ema_decay, (1+s)/(10+s)): useful for short runs")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    antithetic: bool = Field(True, description="pair t with T-1-t in each batch, as the paper's code")
+    flip: bool = Field(False, description="random horizontal flips (not for digits)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = Field(250, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class FinetuneParams(TrainParams):
+    """Fine-tuning a student, optionally distilled from the teacher (stage ``finetune``)."""
+
+    distill: bool = True
+    distill_weight: float = Field(0.7, ge=0.0, le=1.0, description="share of the teacher target")
+
+
+class ArchParams(_Strict):
+    """A from-scratch ``UNet2DModel``: every width must split into ``norm_num_groups`` groups."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    attention_levels: tuple[int, ...] = (1,)
+    norm_num_groups: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArchParams:
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must list at least one width")
+        for width in self.block_out_channels:
+            if width % self.norm_num_groups:
+                raise ValueError(f"width {width} is not divisible by norm_num_groups {self.norm_num_groups}")
+        for level in self.attention_levels:
+            if not 0 <= level < len(self.block_out_channels):
+                raise ValueError(f"attention level {level} outside 0..{len(self.block_out_channels) - 1}")
+        return self
+
+
+class TeacherParams(_Strict):
+    """Where the model to prune comes from (stage ``teacher``)."""
+
+    source: Literal["builtin", "pretrained", "scratch"] = "builtin"
+    pretrained: str | None = Field(None, description="hub id (google/ddpm-cifar10-32) or local directory")
+    architecture: ArchParams = ArchParams()
+    num_train_timesteps: int = Field(1000, ge=2)
+    train: TrainParams = TrainParams(steps=4000, batch_size=64, lr=1e-3, ema_decay=0.999)
+
+    @model_validator(mode="after")
+    def _pretrained_needed(self) -> TeacherParams:
+        if self.source == "pretrained" and not self.pretrained:
+            raise ValueError("teacher.pretrained is required when teacher.source is 'pretrained'")
+        return self
+
+
+class ExtractorParams(_Strict):
+    """The fallback FID feature network: a small classifier trained on the dataset's labels."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    feature_dim: int = Field(64, ge=8)
+    seed: int = 0
+
+
+class EvaluateParams(_Strict):
+    """Sampling, FID, SSIM and efficiency of teacher vs student (stage ``evaluate``)."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(100, ge=1, le=10000)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
+    n_samples: int | None = Field(None, ge=2, description="images per seed; default the held-out count")
+    batch_size: int = Field(256, ge=1)
+    fid_extractor: Literal["auto", "inception", "classifier"] = "auto"
+    inception_path: str = Field("/tmp/inception-2015-12-05.pt", description="clean-fid's weight file")
+    extractor: ExtractorParams = ExtractorParams()
+    cache_dir: str = Field("artifacts/fid", description="extractors and reference statistics")
+    latency_batch: int = Field(64, ge=1)
+    latency_steps: int = Field(10, ge=1)
+    latency_repeats: int = Field(3, ge=1)
+    grid_images: int = Field(64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Params(_Strict):
+    """All of ``params.yaml``; stages read only their own group."""
+
+    data: DataParams = DataParams()
+    teacher: TeacherParams = TeacherParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read ``params.yaml`` (missing file: defaults), apply ``key.sub=value`` overrides, validate."""
+    raw: dict = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None and Path(path).exists():
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise DiffpruneError(f"{source}: not valid YAML ({first})") from None
+        except OSError as exc:
+            raise DiffpruneError(f"{source}: cannot read ({exc.strerror})") from None
+        if not isinstance(raw, dict):
+            raise DiffpruneError(f"{source}: expected a mapping of groups at the top level")
+    elif path is not None and str(path) != "params.yaml":
+        raise DiffpruneError(f"{source}: no such params file")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise DiffpruneError(f"{source}: {_describe(exc)}") from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise DiffpruneError(f"--set {item!r}: expected key.sub=value")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DiffpruneError(f"--set {item!r}: {part} is not a group")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise DiffpruneError(f"--set {item!r}: value is not valid YAML") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
+    return f"{key}: {msg}{shown}{more}"

@@ -1,0 +1,167 @@
+"""Datasets → a versionable prepared folder: uint8 arrays, labels and a JSON manifest.
+
+Layout written by :func:`prepare_dataset` (all arrays NHWC uint8, saved with ``allow_pickle=False``)::
+
+    train.npy  train_labels.npy  test.npy  test_labels.npy  manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from diffprune import __version__
+from diffprune.atomic import atomic_dir, sha256_file, write_json
+from diffprune.config import DataParams
+from diffprune.errors import DiffpruneError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+_ARRAYS = ("train", "train_labels", "test", "test_labels")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    train: np.ndarray
+    train_labels: np.ndarray
+    test: np.ndarray
+    test_labels: np.ndarray
+    manifest: dict
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.shape[-1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.train.shape[1])
+
+
+def prepare_dataset(params: DataParams, out_dir: str | Path) -> dict:
+    """Build the dataset named by ``params`` and write it atomically to ``out_dir``; return the manifest."""
+    loader = {"digits": _digits, "imagefolder": _imagefolder, "cifar10": _cifar10}[params.dataset]
+    train, train_labels, test, test_labels, source, classes = loader(params)
+    manifest = {
+        "dataset": params.dataset,
+        "source": source,
+        "resolution": params.resolution,
+        "channels": params.n_channels,
+        "n_train": len(train),
+        "n_test": len(test),
+        "classes": classes,
+        "seed": params.seed,
+        "diffprune_version": __version__,
+        "files": {},
+    }
+    with atomic_dir(out_dir) as tmp:
+        for name, arr in zip(_ARRAYS, (train, train_labels, test, test_labels), strict=True):
+            np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+            manifest["files"][f"{name}.npy"] = sha256_file(tmp / f"{name}.npy")
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def load_prepared(data_dir: str | Path) -> Prepared:
+    """Load a prepared folder, refusing missing or altered files with a one-line error."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DiffpruneError(f"{data_dir}: not a prepared dataset (no manifest.json); run `diffprune prepare`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise DiffpruneError(f"{manifest_path}: unreadable manifest; re-run `diffprune prepare`") from None
+    arrays = []
+    for name in _ARRAYS:
+        path = data_dir / f"{name}.npy"
+        if not path.is_file() or sha256_file(path) != files.get(path.name):
+            raise DiffpruneError(f"{path}: missing or does not match its checksum in manifest.json")
+        arrays.append(np.load(path, allow_pickle=False))
+    return Prepared(*arrays, manifest=manifest)
+
+
+def _split(images: np.ndarray, labels: np.ndarray, params: DataParams) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(params.seed)
+    order = rng.permutation(len(images))
+    if params.max_images:
+        order = order[: params.max_images]
+    n_test = max(1, round(len(order) * params.test_fraction))
+    if n_test >= len(order):
+        raise DiffpruneError(f"data.test_fraction {params.test_fraction} leaves no training images")
+    test, train = order[:n_test], order[n_test:]
+    return images[train], labels[train], images[test], labels[test]
+
+
+def _to_array(img: Image.Image, params: DataParams) -> np.ndarray:
+    """Resize the shorter side to the resolution (bicubic), centre-crop, convert channels."""
+    img = img.convert("L" if params.n_channels == 1 else "RGB")
+    w, h = img.size
+    scale = params.resolution / min(w, h)
+    size = (max(params.resolution, round(w * scale)), max(params.resolution, round(h * scale)))
+    if size != (w, h):
+        img = img.resize(size, Image.BICUBIC)
+    left, top = (size[0] - params.resolution) // 2, (size[1] - params.resolution) // 2
+    img = img.crop((left, top, left + params.resolution, top + params.resolution))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _digits(params: DataParams):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    raw = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    images = np.stack([_to_array(Image.fromarray(im), params) for im in raw])
+    labels = bunch.target.astype(np.int64)
+    return (*_split(images, labels, params), "sklearn.datasets.load_digits", [str(c) for c in range(10)])
+
+
+def _imagefolder(params: DataParams):
+    root = Path(params.path or "")
+    if not root.is_dir():
+        raise DiffpruneError(f"data.path {root}: no such directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DiffpruneError(f"data.path {root}: no PNG/JPEG/WebP images found")
+    # Labels come from first-level class folders only when every image sits in one.
+    rel = [p.relative_to(root).parts for p in files]
+    classes = sorted({r[0] for r in rel}) if all(len(r) > 1 for r in rel) else []
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(_to_array(img, params))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DiffpruneError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    labels = np.array([classes.index(r[0]) if classes else -1 for r in rel], dtype=np.int64)
+    return (*_split(np.stack(images), labels, params), f"imagefolder:{root.resolve()}", classes)
+
+
+def _cifar10(params: DataParams):
+    from torchvision.datasets import CIFAR10
+
+    root = Path(params.path or "data/cifar10")
+    splits = []
+    for train in (True, False):
+        try:
+            ds = CIFAR10(str(root), train=train, download=params.download)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DiffpruneError(
+                f"cifar10: no usable copy under {root} and download failed ({reason}); place "
+                f"cifar-10-python.tar.gz or the extracted cifar-10-batches-py/ in {root} (set data.path)"
+            ) from None
+        images = np.asarray(ds.data, dtype=np.uint8)
+        if params.resolution != 32 or params.n_channels != 3:
+            images = np.stack([_to_array(Image.fromarray(im), params) for im in images])
+        labels = np.asarray(ds.targets, dtype=np.int64)
+        if params.max_images:
+            keep = max(1, int(params.max_images * (1 - params.test_fraction if train else params.test_fraction)))
+            images, labels = images[:keep], labels[:keep]
+        splits += [images, labels]
+    return (*splits, f"torchvision.CIFAR10:{root.resolve()}", list(ds.classes))

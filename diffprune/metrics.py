@@ -1,0 +1,153 @@
+"""Metrics: FID (clean-fid, extractor named), SSIM, MACs/params and sampling latency."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cleanfid import fid as cleanfid
+
+from diffprune.atomic import atomic_dir
+from diffprune.config import EvaluateParams
+from diffprune.data import Prepared
+from diffprune.features import Extractor, classifier_extractor, inception_extractor
+from diffprune.sampling import save_pngs
+
+
+@dataclass
+class FidReference:
+    """An extractor plus the cached statistics of the real training images (the FID reference)."""
+
+    name: str
+    extract: Extractor
+    mu: np.ndarray
+    sigma: np.ndarray
+    test_features: np.ndarray
+    native_size: bool
+    device: torch.device
+    info: dict = field(default_factory=dict)
+
+    def features(self, folder: str | Path, batch_size: int = 256) -> np.ndarray:
+        resize = (lambda x: x.astype(np.float32)) if self.native_size else None
+        return cleanfid.get_folder_features(
+            str(folder), model=self.extract, num_workers=0, batch_size=batch_size, device=self.device,
+            mode="clean", custom_fn_resize=resize, verbose=False,
+        )
+
+    def fid(self, feats: np.ndarray) -> float:
+        mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+        return float(cleanfid.frechet_distance(mu, sigma, self.mu, self.sigma))
+
+
+def dataset_key(data: Prepared) -> str:
+    files = data.manifest["files"]
+    return hashlib.sha256("".join(files[k] for k in sorted(files)).encode()).hexdigest()[:16]
+
+
+def fid_reference(data: Prepared, params: EvaluateParams, device: torch.device) -> FidReference:
+    """Choose the extractor, write the real images once, and cache reference statistics per dataset+extractor."""
+    root = Path(params.cache_dir) / dataset_key(data)
+    real = root / "real"
+    if not (real / "done").is_file():
+        with atomic_dir(real) as tmp:
+            save_pngs(data.train, tmp / "train")
+            save_pngs(data.test, tmp / "test")
+            (tmp / "done").write_text("ok\n")
+    use_inception = params.fid_extractor == "inception" or (
+        params.fid_extractor == "auto" and Path(params.inception_path).is_file()
+    )
+    if use_inception:
+        name, info, native = "inception-clean", {}, False
+        extract = inception_extractor(params, device)
+    else:
+        ex = params.extractor
+        name, native = f"classifier-{ex.feature_dim}d", True
+        ex_id = hashlib.sha256(ex.model_dump_json().encode()).hexdigest()[:8]
+        extract, info = classifier_extractor(data, ex, root / f"classifier-{ex_id}", device)
+        name = f"{name}-{ex_id}"
+    stats = root / f"stats-{name}"
+    ref = FidReference(name, extract, np.zeros(0), np.zeros(0), np.zeros(0), native, device, info)
+    if not (stats / "train_mu.npy").is_file():
+        train_feats = ref.features(real / "train", params.batch_size)
+        with atomic_dir(stats) as tmp:
+            np.save(tmp / "train_mu.npy", train_feats.mean(0))
+            np.save(tmp / "train_sigma.npy", np.cov(train_feats, rowvar=False))
+            np.save(tmp / "test_features.npy", ref.features(real / "test", params.batch_size))
+    ref.mu = np.load(stats / "train_mu.npy")
+    ref.sigma = np.load(stats / "train_sigma.npy")
+    ref.test_features = np.load(stats / "test_features.npy")
+    return ref
+
+
+def real_floor(ref: FidReference, n: int, seeds: tuple[int, ...]) -> tuple[list[float], int]:
+    """FID of held-out real images against the training reference, with ``n`` images when possible."""
+    feats = ref.test_features
+    if n >= len(feats):
+        return [ref.fid(feats)], len(feats)
+    out = []
+    for seed in seeds:
+        idx = np.random.default_rng(seed).choice(len(feats), n, replace=False)
+        out.append(ref.fid(feats[idx]))
+    return out, n
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """Per-image SSIM of NHWC uint8 batches on [0, 1] (Gaussian window, valid region, as pytorch_msssim)."""
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).double() / 255
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).double() / 255
+    c = x.shape[1]
+    win = min(window, x.shape[-1], x.shape[-2])
+    coords = torch.arange(win, dtype=torch.double) - (win - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = (g / g.sum()).view(1, 1, -1)
+    k = (g.transpose(-1, -2) * g).unsqueeze(0).expand(c, 1, win, win)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, k, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1).numpy()
+
+
+def macs_and_params(unet: torch.nn.Module) -> tuple[int, int]:
+    """MACs of one UNet forward at batch 1 and native resolution (as the paper), and parameter count."""
+    import torch_pruning as tp
+
+    cfg = unet.config
+    device = next(unet.parameters()).device
+    x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    macs, params = tp.utils.count_ops_and_params(unet, (x, torch.ones(1, dtype=torch.long, device=device)))
+    return int(macs), int(params)
+
+
+@torch.no_grad()
+def latency_pair(models: dict[str, torch.nn.Module], batch: int, steps: int, repeats: int,
+                 device: torch.device) -> dict[str, float]:
+    """Seconds per ``steps`` denoising calls at ``batch``: median of ``repeats``, the models interleaved
+    so that machine noise hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats + 1):  # the first round warms up allocators and kernels
+        for name, model in models.items():
+            model = model.to(device).eval()
+            cfg = model.config
+            x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+            _sync(device)
+            t0 = time.perf_counter()
+            for t in range(steps):
+                x = model(x, torch.tensor(999 - t, device=device)).sample
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v[1:])) for name, v in times.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,10 @@
+"""The fixed artifact paths that the CLI defaults to and ``dvc.yaml`` declares (relative to the project)."""
+
+DATA = "data/prepared"
+TEACHER = "models/teacher"
+TEACHER_CKPT = "checkpoints/teacher"
+STUDENT = "models/teacher"  # until pruning lands, the default student is the teacher itself
+FINETUNED = "models/finetuned"
+FINETUNE_CKPT = "checkpoints/finetune"
+SAMPLES = "samples"
+METRICS = "metrics"

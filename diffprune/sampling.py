@@ -1,0 +1,107 @@
+"""DDIM / DDPM sampling with per-image noise streams, PNG folders and sample grids.
+
+Image ``i`` of seed ``s`` always starts from (and, for stochastic samplers, keeps drawing from) the
+generator ``derive_seed(s, i)``, whatever the batch size or device: a teacher and a student sampled
+with the same seed start from the same noise, so their images pair up one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffprune.seeding import derive_seed
+
+
+def make_sampler(train_scheduler: DDPMScheduler, sampler: str, steps: int) -> DDIMScheduler | DDPMScheduler:
+    """A sampling scheduler sharing the training β schedule; DDIM uses uniform ("leading") timestep skips."""
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    sched = cls.from_config(train_scheduler.config)
+    sched.set_timesteps(min(steps, train_scheduler.config.num_train_timesteps))
+    return sched
+
+
+@torch.no_grad()
+def sample(
+    unet: UNet2DModel,
+    train_scheduler: DDPMScheduler,
+    n: int,
+    seed: int,
+    *,
+    sampler: str = "ddim",
+    steps: int = 100,
+    eta: float = 0.0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    desc: str = "sample",
+    progress: bool = True,
+) -> np.ndarray:
+    """Generate ``n`` images (NHWC uint8)."""
+    unet = unet.to(device).eval()
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    out = []
+    n_batches = math.ceil(n / batch_size)
+    bar = tqdm(total=n_batches * min(steps, train_scheduler.config.num_train_timesteps), desc=desc,
+               disable=not progress, unit="step", leave=False)
+    for start in range(0, n, batch_size):
+        gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, min(n, start + batch_size))]
+        sched = make_sampler(train_scheduler, sampler, steps)
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        for t in sched.timesteps:
+            eps = unet(x, t).sample
+            if sampler == "ddim":
+                noise = None
+                if eta > 0:
+                    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+                x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            else:
+                x = sched.step(eps, t, x, generator=gens).prev_sample
+            bar.update(1)
+        out.append(to_uint8(x))
+    bar.close()
+    return np.concatenate(out)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW float → NHWC uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_pngs(images: np.ndarray, folder: str | Path, start: int = 0) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images, start):
+        path = folder / f"{i:06d}.png"
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+        paths.append(path)
+    return paths
+
+
+def grid(images: np.ndarray, cols: int | None = None, pad: int = 1, scale: int = 1) -> Image.Image:
+    """Tile NHWC uint8 images into one picture (white padding), optionally upscaled (nearest)."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+    pic = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST) if scale > 1 else pic
+
+
+def paired_grid(a: np.ndarray, b: np.ndarray, cols: int = 16, scale: int = 2) -> Image.Image:
+    """Rows alternate: ``cols`` images of ``a`` above the images of ``b`` from the same noise."""
+    rows = []
+    for start in range(0, min(len(a), len(b)), cols):
+        rows += [a[start:start + cols], b[start:start + cols]]
+    rows = [r for r in rows if len(r) == cols] or [a[:cols], b[:cols]]
+    return grid(np.concatenate(rows), cols=cols, scale=scale)

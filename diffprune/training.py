@@ -1,0 +1,216 @@
+"""The one training loop: trains the teacher from scratch and fine-tunes pruned students.
+
+ε-prediction DDPM loss, Adam/AdamW at a constant LR (optional linear warm-up), EMA, gradient
+clipping, optional distillation (target = w·ε_teacher + (1−w)·ε, as the paper's KD loss),
+mixed precision on CUDA and data parallelism through accelerate.
+
+Randomness is counter-based: every draw at step s on rank r comes from a generator seeded with
+(seed, s, r), and the data order of epoch e from (seed, e). The RNG state is therefore a function
+of the step stored in each checkpoint, and resuming reproduces an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from diffprune.atomic import atomic_file
+from diffprune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from diffprune.config import TrainParams
+from diffprune.errors import DiffpruneError
+from diffprune.seeding import derive_seed
+
+# Run-length knobs that may change between a run and its resumption without changing its result.
+_RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+
+
+@dataclass
+class TrainResult:
+    model: UNet2DModel  # EMA weights, on the CPU
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    world_size: int = 1
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """NHWC uint8 → NCHW float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    images: np.ndarray,
+    params: TrainParams,
+    ckpt_root: str | Path,
+    *,
+    teacher: UNet2DModel | None = None,
+    distill_weight: float = 0.0,
+    fingerprint_extra: str = "",
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``unet`` on ``images`` for ``params.steps`` steps, resuming from ``ckpt_root`` if possible.
+
+    Checkpoints live under ``ckpt_root/<fingerprint>/`` where the fingerprint covers everything that
+    changes the result (params minus run length, architecture, data, world size), so a changed
+    recipe never resumes from a stale checkpoint.
+    """
+    if params.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise DiffpruneError("mixed_precision 'fp16' needs a CUDA device; use 'no' (or 'bf16') on CPU")
+    if len(images) == 0:
+        raise DiffpruneError("no training images")
+    accel = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=params.mixed_precision)
+    rank, world = accel.process_index, accel.num_processes
+    data = images_to_tensor(images)
+    ckpt_dir = Path(ckpt_root) / _fingerprint(unet, params, images, world, fingerprint_extra)
+
+    unet = unet.to(accel.device).train()
+    ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
+    opt_cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(unet.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    start, losses, resumed = 0, [], None
+    if existing := list_checkpoints(ckpt_dir):
+        model_sd, ema_sd, opt_sd, state = load_checkpoint(existing[-1])
+        _load_weights(unet, model_sd, existing[-1])
+        ema = {k: v.to(accel.device) for k, v in ema_sd.items()}
+        optimizer.load_state_dict(opt_sd)
+        start, losses, resumed = state["step"], state["losses"], state["step"]
+    if start > params.steps:
+        raise DiffpruneError(f"{existing[-1]}: checkpoint is past steps={params.steps}; raise steps or delete it")
+    model, optimizer = accel.prepare(unet, optimizer)
+    if teacher is not None:
+        teacher = teacher.to(accel.device).eval().requires_grad_(False)
+    alphas = scheduler.alphas_cumprod.to(accel.device)
+    T = scheduler.config.num_train_timesteps
+    perms: dict[int, torch.Tensor] = {}
+
+    bar = tqdm(total=params.steps, initial=start, desc="train", disable=not accel.is_main_process, unit="step")
+    t0 = time.perf_counter()
+    for step in range(start, params.steps):
+        gen = torch.Generator().manual_seed(derive_seed(params.seed, step, rank))
+        torch.manual_seed(derive_seed(params.seed, step, rank, 1))  # dropout draws from the global RNG
+        idx = _batch_indices(step, rank, world, params, len(data), perms)
+        x0 = data[idx]
+        if params.flip:
+            flips = torch.rand(len(idx), generator=gen) < 0.5
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+        t = _timesteps(len(idx), T, params.antithetic, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x0, t, noise = x0.to(accel.device), t.to(accel.device), noise.to(accel.device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in optimizer.param_groups:
+            group["lr"] = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
+        with accel.autocast():
+            pred = model(xt, t).sample
+            target = noise
+            if teacher is not None and distill_weight > 0:
+                with torch.no_grad():
+                    target = distill_weight * teacher(xt, t).sample.float() + (1 - distill_weight) * noise
+            loss = F.mse_loss(pred.float(), target)
+        if not torch.isfinite(loss):
+            raise DiffpruneError(f"training diverged at step {step} (loss {loss.item()}); lower lr or enable grad_clip")
+        accel.backward(loss)
+        if params.grad_clip:
+            accel.clip_grad_norm_(model.parameters(), params.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _ema_update(ema, accel.unwrap_model(model), params, step)
+        losses.append(accel.gather(loss.detach()[None]).mean().item())
+        bar.update(1)
+        if (step + 1) % params.log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-params.log_every:]):.4f}")
+        done = step + 1
+        if done % params.checkpoint_every == 0 or done == params.steps:
+            if accel.is_main_process:
+                state = {"losses": losses, "seed": params.seed, "world_size": world}
+                save_checkpoint(
+                    ckpt_dir, done, accel.unwrap_model(model).state_dict(), ema,
+                    optimizer.state_dict(), state, params.keep_checkpoints,
+                )
+            accel.wait_for_everyone()
+            if on_checkpoint is not None:
+                on_checkpoint(done)
+    bar.close()
+    final = copy.deepcopy(accel.unwrap_model(model)).cpu().eval()
+    final.load_state_dict({k: v.to(final.dtype) for k, v in ema.items()})
+    return TrainResult(final, losses, params.steps, resumed, time.perf_counter() - t0, world)
+
+
+def write_loss_history(losses: list[float], path: str | Path) -> None:
+    """CSV (step, loss) that ``dvc plots`` and spreadsheets read directly."""
+    with atomic_file(path) as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "loss"])
+        writer.writerows((i + 1, f"{v:.6f}") for i, v in enumerate(losses))
+
+
+def is_main_process() -> bool:
+    return Accelerator(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def _timesteps(n: int, T: int, antithetic: bool, gen: torch.Generator) -> torch.Tensor:
+    if not antithetic:
+        return torch.randint(0, T, (n,), generator=gen)
+    half = torch.randint(0, T, (n // 2 + 1,), generator=gen)
+    return torch.cat([half, T - 1 - half])[:n]
+
+
+def _batch_indices(step: int, rank: int, world: int, params: TrainParams, n: int, perms: dict) -> torch.Tensor:
+    """Rank ``rank``'s slice of the global batch at ``step``: epochs are seeded permutations."""
+    start = (step * world + rank) * params.batch_size
+    pos = torch.arange(start, start + params.batch_size)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty_like(pos)
+    for epoch in epochs.unique().tolist():
+        if epoch not in perms:
+            perms.clear()  # only the current and next epoch are ever needed
+            gen = torch.Generator().manual_seed(derive_seed(params.seed, epoch, -1))
+            perms[epoch] = torch.randperm(n, generator=gen)
+        mask = epochs == epoch
+        out[mask] = perms[epoch][offsets[mask]]
+    return out
+
+
+def _ema_update(ema: dict, model: torch.nn.Module, params: TrainParams, step: int) -> None:
+    decay = params.ema_decay
+    if params.ema_warmup:
+        decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema[name].mul_(decay).add_(value.float(), alpha=1 - decay)
+            else:
+                ema[name].copy_(value)
+
+
+def _load_weights(model: torch.nn.Module, sd: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError:
+        raise DiffpruneError(f"{path}: checkpoint weights do not fit this model; delete it to start over") from None
+
+
+def _fingerprint(unet: UNet2DModel, params: TrainParams, images: np.ndarray, world: int, extra: str) -> str:
+    recipe = {k: v for k, v in params.model_dump().items() if k not in _RESUMABLE_KEYS}
+    h = hashlib.sha256(json.dumps([recipe, dict(unet.config), world, extra], sort_keys=True, default=str).encode())
+    h.update(hashlib.sha256(images.tobytes()).digest())
+    for name, tensor in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

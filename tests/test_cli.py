@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffprune.cli import build_parser, main
+
+TINY_PARAMS = {
+    "data": {"resolution": 8, "max_images": 240},
+    "teacher": {
+        "source": "scratch",
+        "architecture": {"block_out_channels": [16, 32], "attention_levels": [1], "norm_num_groups": 4},
+        "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 4},
+    },
+    "finetune": {"steps": 4, "batch_size": 8, "checkpoint_every": 2},
+    "evaluate": {"steps": 3, "seeds": [0, 1], "n_samples": 16, "batch_size": 16, "extractor": {"epochs": 2},
+                 "latency_batch": 2, "latency_steps": 2, "latency_repeats": 1, "grid_images": 8},
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_every_stage_documents_its_options():
+    parser = build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    assert set(subs) == {"prepare", "teacher", "finetune", "evaluate"}
+    for sub in subs.values():
+        for action in sub._actions:
+            assert action.help, f"{sub.prog} {action.option_strings} has no help"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["prepare", "--set", "dataset=mnist"], "data.dataset"),
+        (["prepare", "--set", "resolution=2"], "data.resolution"),
+        (["prepare", "--set", "finetune.lr=1"], "reads only the 'data' group"),
+        (["prepare", "--set", "dataset=imagefolder", "--set", "path=empty"], "no PNG/JPEG/WebP"),
+        (["finetune", "--set", "lr=-1"], "finetune.lr"),
+        (["finetune", "--student", "nowhere"], "not a prepared dataset"),
+        (["evaluate", "--params", "missing.yaml"], "no such params file"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(project, capsys, argv, expected):
+    (project / "empty").mkdir()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1 and err.startswith(f"diffprune {argv[0]}: error:")
+    assert not any((project / d).exists() for d in ("data", "models", "metrics", "samples"))
+
+
+def test_unreadable_params_file(project, capsys):
+    (project / "params.yaml").write_bytes(b"\xff\xfe\x00garbage: [")
+    assert main(["prepare"]) == 2
+    assert "params.yaml" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_via_cli_keeps_previous_model(project, capsys):
+    assert main(["prepare"]) == 0
+    assert main(["teacher"]) == 0
+    model = (project / "models/teacher/unet/diffusion_pytorch_model.safetensors").read_bytes()
+    run = next((project / "checkpoints/teacher").iterdir())
+    last = sorted(run.glob("step-*"))[-1]
+    (last / "optimizer.safetensors").write_bytes(b"not safetensors")
+    capsys.readouterr()
+    assert main(["teacher", "--set", "train.steps=12"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.safetensors" in err and len(err.strip().splitlines()) == 1
+    assert (project / "models/teacher/unet/diffusion_pytorch_model.safetensors").read_bytes() == model
+
+
+@pytest.mark.slow
+def test_stage_chain_end_to_end(project):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for stage in ("prepare", "teacher", "finetune", "evaluate"):
+        proc = subprocess.run([sys.executable, "-m", "diffprune", stage], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    for key in ("params", "macs", "fid", "latency_s"):
+        assert key in metrics["teacher"]
+    for key in ("params", "macs", "fid", "ssim", "latency_s"):
+        assert key in metrics["pruned"]
+    for key in ("fid_extractor", "n_samples", "sampler", "sampler_steps", "fid_real_floor"):
+        assert key in metrics
+    assert metrics["n_samples"] == 16 and len(metrics["pruned"]["fid_per_seed"]) == 2
+    assert len(list(Path(project, "samples/pruned/seed0").glob("*.png"))) == 16
+    assert (project / "samples/grid_pairs.png").is_file()
+    loss = (project / "metrics/finetune_loss.csv").read_text().splitlines()
+    assert loss[0] == "step,loss" and len(loss) == 5

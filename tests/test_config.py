@@ -1,0 +1,51 @@
+import pytest
+
+from diffprune.config import ArchParams, Params, load_params
+from diffprune.errors import DiffpruneError
+
+
+def test_defaults_validate_and_match_params_yaml():
+    assert load_params("params.yaml") == load_params("params.yaml")
+    assert Params().data.dataset == "digits"
+
+
+def test_override_sets_nested_keys(tmp_path):
+    p = load_params(None, ["finetune.lr=0.01", "teacher.architecture.block_out_channels=[16, 32]"])
+    assert p.finetune.lr == 0.01
+    assert p.teacher.architecture.block_out_channels == (16, 32)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("finetune:\n  lr: -1\n", "finetune.lr"),
+        ("finetune:\n  learning_rate: 0.1\n", "finetune.learning_rate: unknown key"),
+        ("data:\n  dataset: mnist\n", "data.dataset"),
+        ("evaluate:\n  steps: 0\n", "evaluate.steps"),
+        ("teacher:\n  source: pretrained\n", "teacher.pretrained is required"),
+        ("data: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "mapping"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, yaml_text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(DiffpruneError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert expected in message and str(path) in message
+    assert "\n" not in message
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(DiffpruneError, match=r"key\.sub=value"):
+        load_params(None, ["nonsense"])
+    with pytest.raises(DiffpruneError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_architecture_must_be_prunable_by_groups():
+    with pytest.raises(ValueError, match="not divisible"):
+        ArchParams(block_out_channels=(30, 64), norm_num_groups=8)
+    with pytest.raises(ValueError, match="attention level"):
+        ArchParams(block_out_channels=(32, 64), attention_levels=(2,))

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+
+from diffprune.metrics import fid_reference, latency_pair, macs_and_params, ssim
+from diffprune.sampling import save_pngs
+from tiny import tiny_eval
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory):
+    return fid_reference(digits, tiny_eval(tmp_path_factory.mktemp("fid")), torch.device("cpu"))
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits, reference, tmp_path):
+    feats = reference.features(_folder(digits.train, tmp_path / "clean"))
+    assert reference.fid(feats) == pytest.approx(0.0, abs=1e-3)
+    rng = np.random.default_rng(0)
+    fids = []
+    for i, sigma in enumerate((20, 60, 120)):
+        noisy = np.clip(digits.train + rng.normal(0, sigma, digits.train.shape), 0, 255).astype(np.uint8)
+        fids.append(reference.fid(reference.features(_folder(noisy, tmp_path / f"n{i}"))))
+    assert 0 < fids[0] < fids[1] < fids[2]
+
+
+def test_reference_is_cached_and_names_its_extractor(digits, reference, tmp_path):
+    again = fid_reference(digits, tiny_eval(tmp_path.parent / "unused"), torch.device("cpu"))
+    assert reference.name.startswith("classifier-64d") and again.name == reference.name
+    assert "test_accuracy" in reference.info
+
+
+def test_ssim_identical_is_one_and_matches_skimage():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    b = np.clip(a + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    assert np.allclose(ssim(a, a), 1.0)
+    ours = ssim(a, b)
+    ref = [structural_similarity(a[i, ..., 0] / 255, b[i, ..., 0] / 255, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, data_range=1.0) for i in range(3)]
+    assert np.allclose(ours, ref, atol=1e-9) and (ours < 1).all()
+
+
+def test_macs_params_and_latency(tiny_unet):
+    macs, params = macs_and_params(tiny_unet)
+    assert params == sum(p.numel() for p in tiny_unet.parameters()) and macs > params
+    lat = latency_pair({"a": tiny_unet, "b": tiny_unet}, batch=2, steps=2, repeats=1, device=torch.device("cpu"))
+    assert set(lat) == {"a", "b"} and all(v > 0 for v in lat.values())
+
+
+def _folder(images, path):
+    save_pngs(images, path)
+    return path

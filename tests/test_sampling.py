@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from diffprune.models import make_scheduler
+from diffprune.sampling import grid, paired_grid, sample, save_pngs
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_fixed_seed_is_reproducible_and_seeds_differ(tiny_unet, sampler):
+    kw = dict(sampler=sampler, steps=4, batch_size=4, progress=False)
+    a = sample(tiny_unet, make_scheduler(), 6, seed=0, **kw)
+    b = sample(tiny_unet, make_scheduler(), 6, seed=0, **kw)
+    c = sample(tiny_unet, make_scheduler(), 6, seed=1, **kw)
+    assert a.shape == (6, 8, 8, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_image_i_depends_on_its_own_noise_only(tiny_unet):
+    few = sample(tiny_unet, make_scheduler(), 3, seed=0, steps=3, batch_size=3, progress=False)
+    more = sample(tiny_unet, make_scheduler(), 6, seed=0, steps=3, batch_size=3, progress=False)
+    assert np.array_equal(few, more[:3])
+
+
+def test_pngs_and_grids(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 255, (10, 8, 8, 1), dtype=np.uint8)
+    paths = save_pngs(imgs, tmp_path)
+    assert len(paths) == 10 and paths[0].name == "000000.png"
+    assert grid(imgs, cols=5).size == (5 * 9 + 1, 2 * 9 + 1)
+    assert paired_grid(imgs, imgs, cols=5, scale=1).size == (46, 4 * 9 + 1)

@@ -1,0 +1,18 @@
+"""Tiny configurations shared by the tests (a module, not conftest, so tests can import it)."""
+
+from diffprune.config import ArchParams, DataParams, EvaluateParams, ExtractorParams, TrainParams
+
+TINY_ARCH = ArchParams(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=4)
+TINY_DATA = DataParams(resolution=8, max_images=240)
+
+
+def tiny_train(**kw) -> TrainParams:
+    base = dict(steps=6, batch_size=8, lr=1e-3, checkpoint_every=3, log_every=1)
+    return TrainParams(**{**base, **kw})
+
+
+def tiny_eval(cache_dir, **kw) -> EvaluateParams:
+    base = dict(steps=4, seeds=(0, 1), n_samples=24, batch_size=16, cache_dir=str(cache_dir),
+                extractor=ExtractorParams(epochs=2), latency_batch=4, latency_steps=2, latency_repeats=1,
+                grid_images=16)
+    return EvaluateParams(**{**base, **kw})

@@ -53,6 +53,7 @@ class TrainParams(_Strict):
     antithetic: bool = Field(True, description="pair t with T-1-t in each batch, as the paper's code")
     flip: bool = Field(False, description="random horizontal flips (not for digits)")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     checkpoint_every: int = Field(250, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

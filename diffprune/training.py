@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
@@ -70,11 +71,17 @@ def train(
     changes the result (params minus run length, architecture, data, world size), so a changed
     recipe never resumes from a stale checkpoint.
     """
-    if params.mixed_precision == "fp16" and not torch.cuda.is_available():
+    cpu = params.device == "cpu" or not torch.cuda.is_available()
+    if params.device == "cuda" and not torch.cuda.is_available():
+        raise DiffpruneError("device 'cuda' requested but no CUDA device is available")
+    if params.mixed_precision == "fp16" and cpu:
         raise DiffpruneError("mixed_precision 'fp16' needs a CUDA device; use 'no' (or 'bf16') on CPU")
     if len(images) == 0:
         raise DiffpruneError("no training images")
-    accel = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=params.mixed_precision)
+    # One process may train several models with different precisions (tests, Prefect tasks); the
+    # process-group part of accelerate's state survives the reset, so data parallelism is unaffected.
+    AcceleratorState._reset_state()
+    accel = Accelerator(cpu=cpu, mixed_precision=params.mixed_precision)
     rank, world = accel.process_index, accel.num_processes
     data = images_to_tensor(images)
     ckpt_dir = Path(ckpt_root) / _fingerprint(unet, params, images, world, fingerprint_extra)
@@ -161,7 +168,8 @@ def write_loss_history(losses: list[float], path: str | Path) -> None:
 
 
 def is_main_process() -> bool:
-    return Accelerator(cpu=not torch.cuda.is_available()).is_main_process
+    """Rank 0 under ``accelerate launch``/``torchrun``; always true in a single process."""
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def _timesteps(n: int, T: int, antithetic: bool, gen: torch.Generator) -> torch.Tensor:

@@ -7,7 +7,7 @@ TINY_DATA = DataParams(resolution=8, max_images=240)
 
 
 def tiny_train(**kw) -> TrainParams:
-    base = dict(steps=6, batch_size=8, lr=1e-3, checkpoint_every=3, log_every=1)
+    base = dict(steps=6, batch_size=8, lr=1e-3, checkpoint_every=3, log_every=1, device="cpu")
     return TrainParams(**{**base, **kw})
 
 

@@ -1,0 +1,42 @@
+"""Checks that only a CUDA machine can run: mixed precision training, sampling and evaluation on the GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffprune.errors import DiffpruneError
+from diffprune.evaluation import evaluate_pair
+from diffprune.models import make_scheduler
+from diffprune.sampling import sample
+from diffprune.training import train
+from tiny import tiny_eval, tiny_train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
+def test_training_on_cuda_with_mixed_precision(tiny_unet, digits, tmp_path, precision):
+    result = train(tiny_unet, make_scheduler(), digits.train, tiny_train(steps=30, mixed_precision=precision, device="cuda"), tmp_path)
+    assert all(np.isfinite(result.losses))
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+def test_sampling_on_cuda_is_reproducible(tiny_unet):
+    a = sample(tiny_unet, make_scheduler(), 8, 0, steps=4, batch_size=8, device="cuda", progress=False)
+    b = sample(tiny_unet, make_scheduler(), 8, 0, steps=4, batch_size=8, device="cuda", progress=False)
+    assert np.array_equal(a, b)
+
+
+def test_evaluate_pair_on_cuda(tiny_unet, digits, tmp_path):
+    teacher = (tiny_unet, make_scheduler())
+    result = evaluate_pair(digits, teacher, teacher, tiny_eval(tmp_path / "cache", device="cuda"), tmp_path / "s")
+    assert result["device"] == "cuda"
+    assert result["pruned"]["ssim"] == pytest.approx(1.0)
+
+
+def test_fp16_refused_only_without_cuda(tiny_unet, digits, tmp_path):
+    try:
+        train(tiny_unet, make_scheduler(), digits.train, tiny_train(steps=1, mixed_precision="fp16", device="cuda"), tmp_path)
+    except DiffpruneError:
+        pytest.fail("fp16 must be accepted on CUDA")

@@ -26,6 +26,8 @@ venv: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/diffprune prepare
 	$(BIN)/diffprune teacher
+	$(BIN)/diffprune score
+	$(BIN)/diffprune prune
 	$(BIN)/diffprune finetune
 	$(BIN)/diffprune evaluate
 

@@ -28,7 +28,7 @@ def _common(sub: argparse.ArgumentParser, group: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffprune", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="diffprune", description="Diff-Pruning pipeline stages (one per subcommand).")
     subs = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     p = subs.add_parser("prepare", help="prepare the dataset (digits, imagefolder, cifar10)")
@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=paths.DATA, help="prepared dataset (default: %(default)s)")
     p.add_argument("--out", default=paths.TEACHER, help="teacher model folder (default: %(default)s)")
     p.add_argument("--checkpoints", default=paths.TEACHER_CKPT, help="training checkpoints (default: %(default)s)")
+    p.add_argument("--metrics", default=paths.METRICS, help="metrics folder (default: %(default)s)")
+
+    p = subs.add_parser("score", help="importance scoring: the gradient pass of diff-pruning / taylor")
+    _common(p, "score")
+    p.add_argument("--data", default=paths.DATA, help="prepared dataset (default: %(default)s)")
+    p.add_argument("--teacher", default=paths.TEACHER, help="model to score (default: %(default)s)")
+    p.add_argument("--out", default=paths.SCORES, help="scores folder (default: %(default)s)")
+    p.add_argument("--metrics", default=paths.METRICS, help="metrics folder (default: %(default)s)")
+
+    p = subs.add_parser("prune", help="structural pruning at a ratio (paper semantics) or a MACs target")
+    _common(p, "prune")
+    p.add_argument("--teacher", default=paths.TEACHER, help="model to prune (default: %(default)s)")
+    p.add_argument("--scores", default=paths.SCORES, help="scores folder from `score` (default: %(default)s)")
+    p.add_argument("--out", default=paths.PRUNED, help="pruned model folder (default: %(default)s)")
     p.add_argument("--metrics", default=paths.METRICS, help="metrics folder (default: %(default)s)")
 
     p = subs.add_parser("finetune", help="fine-tune a student (optionally distilled from the teacher)")
@@ -81,6 +95,8 @@ def _run(args: argparse.Namespace) -> dict:
     runners: dict[str, Callable[[], dict]] = {
         "prepare": lambda: stages.prepare(params, args.out),
         "teacher": lambda: stages.teacher(params, args.data, args.out, args.checkpoints, args.metrics),
+        "score": lambda: stages.score(params, args.data, args.teacher, args.out, args.metrics),
+        "prune": lambda: stages.prune(params, args.teacher, args.scores, args.out, args.metrics),
         "finetune": lambda: stages.finetune(
             params, args.data, args.student, args.teacher, args.out, args.checkpoints, args.metrics
         ),

@@ -105,6 +105,32 @@ class TeacherParams(_Strict):
         return self
 
 
+class ScoreParams(_Strict):
+    """Importance scoring (stage ``score``): the gradient pass of Diff-Pruning / Taylor."""
+
+    criterion: Literal["diff-pruning", "taylor", "magnitude", "random", "reinit"] = "diff-pruning"
+    thr: float = Field(0.05, ge=0.0, lt=1.0, description="diff-pruning: stop once loss < thr × max loss")
+    batch_size: int = Field(64, ge=1, description="images in the fixed batch x0")
+    n_batches: int = Field(1, ge=1, description="batches averaged per timestep")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PruneParams(_Strict):
+    """Structural pruning (stage ``prune``): set ``pruning_ratio`` or ``target_macs``."""
+
+    pruning_ratio: float | None = Field(0.25, ge=0.0, lt=1.0, description="per group, the paper's semantics")
+    target_macs: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the teacher's MACs to keep")
+    reinit: bool = Field(False, description="re-initialise the pruned weights (scratch-training baseline)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneParams:
+        if (self.pruning_ratio is None) == (self.target_macs is None):
+            raise ValueError("set exactly one of prune.pruning_ratio and prune.target_macs (the other to null)")
+        return self
+
+
 class ExtractorParams(_Strict):
     """The fallback FID feature network: a small classifier trained on the dataset's labels."""
 
@@ -140,6 +166,8 @@ class Params(_Strict):
 
     data: DataParams = DataParams()
     teacher: TeacherParams = TeacherParams()
+    score: ScoreParams = ScoreParams()
+    prune: PruneParams = PruneParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
 

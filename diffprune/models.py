@@ -16,6 +16,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffprune.atomic import atomic_dir
 from diffprune.config import ArchParams
 from diffprune.errors import DiffpruneError
+from diffprune.persist import ARCH_FILE, describe, load_exact
 
 BUILTIN_TEACHER = Path(__file__).parent / "assets" / "teacher-digits16"
 
@@ -52,9 +53,10 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 
 
 def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, out_dir: str | Path) -> Path:
-    """Write weights (safetensors) and configs (JSON) atomically; never a pickle."""
+    """Write weights (safetensors), configs and the exact architecture (JSON) atomically; never a pickle."""
     with atomic_dir(out_dir) as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        (tmp / "unet" / ARCH_FILE).write_text(json.dumps(describe(unet), indent=1))
     return Path(out_dir)
 
 
@@ -67,12 +69,27 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     weights = [p for p in unet_dir.iterdir() if p.suffix == ".safetensors"]
     if not weights:
         raise DiffpruneError(f"{unet_dir}: no .safetensors weights (pickled .bin weights are not loaded)")
-    try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
-    except Exception as exc:  # diffusers/safetensors raise many types; the user needs which file failed
-        raise DiffpruneError(f"{unet_dir}: cannot load weights ({_first_line(exc)})") from None
+    if (unet_dir / ARCH_FILE).is_file():
+        unet = load_exact(unet_dir)  # diffprune's own layout; pruned widths included
+    else:
+        try:
+            unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+        except Exception as exc:  # diffusers/safetensors raise many types; the user needs which file failed
+            raise DiffpruneError(f"{unet_dir}: cannot load weights ({_first_line(exc)})") from None
     scheduler = _load_scheduler(model_dir, unet)
     return unet.to(device).eval(), scheduler
+
+
+def load_pipeline(model_dir: str | Path, kind: str = "ddim", device: str | torch.device = "cpu"):
+    """A ready diffusers ``DDIMPipeline`` or ``DDPMPipeline`` for a saved (possibly pruned) model."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    unet, scheduler = load_model(model_dir, device)
+    if kind == "ddim":
+        return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
+    if kind == "ddpm":
+        return DDPMPipeline(unet=unet, scheduler=scheduler)
+    raise DiffpruneError(f"pipeline kind {kind!r}: expected 'ddim' or 'ddpm'")
 
 
 def load_pretrained(ref: str) -> tuple[UNet2DModel, DDPMScheduler]:

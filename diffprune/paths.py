@@ -3,7 +3,9 @@
 DATA = "data/prepared"
 TEACHER = "models/teacher"
 TEACHER_CKPT = "checkpoints/teacher"
-STUDENT = "models/teacher"  # until pruning lands, the default student is the teacher itself
+SCORES = "scores"
+PRUNED = "models/pruned"
+STUDENT = PRUNED
 FINETUNED = "models/finetuned"
 FINETUNE_CKPT = "checkpoints/finetune"
 SAMPLES = "samples"

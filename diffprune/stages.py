@@ -9,14 +9,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from diffprune import paths
-from diffprune.atomic import write_json
-from diffprune.config import DataParams, EvaluateParams, FinetuneParams, TeacherParams
+from diffprune.atomic import atomic_dir, write_json
+from diffprune.config import DataParams, EvaluateParams, FinetuneParams, PruneParams, ScoreParams, TeacherParams
 from diffprune.data import load_prepared, prepare_dataset
 from diffprune.errors import DiffpruneError
-from diffprune.evaluation import evaluate_pair
+from diffprune.evaluation import evaluate_pair, model_hash, resolve_device
+from diffprune.importance import GRADIENT_CRITERIA, accumulate_gradients
+from diffprune.metrics import macs_and_params
 from diffprune.models import (
     BUILTIN_TEACHER,
     build_unet,
@@ -26,7 +30,9 @@ from diffprune.models import (
     make_scheduler,
     save_model,
 )
-from diffprune.training import is_main_process, train, write_loss_history
+from diffprune.pruning import layer_widths, prune_to_macs, prune_unet, reinitialise
+from diffprune.scores import read_scores, write_loss_over_t
+from diffprune.training import images_to_tensor, is_main_process, train, write_loss_history
 
 
 def prepare(params: DataParams, out_dir: str | Path = paths.DATA) -> dict:
@@ -122,3 +128,71 @@ def evaluate(
     result["teacher"]["path"], result["pruned"]["path"] = str(teacher_dir), str(student_dir)
     write_json(Path(metrics_dir) / "evaluate.json", result)
     return result
+
+
+def score(
+    params: ScoreParams,
+    data_dir: str | Path = paths.DATA,
+    teacher_dir: str | Path = paths.TEACHER,
+    out_dir: str | Path = paths.SCORES,
+    metrics_dir: str | Path = paths.METRICS,
+) -> dict:
+    """Accumulate the gradients that rank channels (diff-pruning: informative timesteps only)."""
+    data = load_prepared(data_dir)
+    unet, scheduler = load_model(teacher_dir)
+    need = params.batch_size * params.n_batches
+    if need > len(data.train):
+        raise DiffpruneError(f"score: batch_size × n_batches = {need} exceeds the {len(data.train)} training images")
+    info = {"criterion": params.criterion, "thr": params.thr if params.criterion == "diff-pruning" else None,
+            "batch_size": params.batch_size, "n_batches": params.n_batches, "seed": params.seed,
+            "teacher": model_hash(unet)}
+    with atomic_dir(out_dir) as tmp:
+        if params.criterion in GRADIENT_CRITERIA:
+            order = np.random.default_rng(params.seed).permutation(len(data.train))[:need]
+            x0 = images_to_tensor(data.train[order])
+            result = accumulate_gradients(unet, scheduler, list(x0.split(params.batch_size)), params.criterion,
+                                          params.thr, params.seed, resolve_device(params.device))
+            save_file({k: v.contiguous().cpu() for k, v in result.grads.items()}, tmp / "gradients.safetensors")
+            write_loss_over_t(result.timesteps, result.losses, tmp / "loss_over_t.csv")
+            info.update(timesteps_visited=len(result.timesteps), last_timestep=result.timesteps[-1],
+                        loss_first=result.losses[0], loss_last=result.losses[-1], loss_max=max(result.losses),
+                        seconds=round(result.seconds, 1), seconds_per_timestep=result.seconds / len(result.timesteps))
+        else:
+            info.update(timesteps_visited=0, seconds=0.0)
+        write_json(tmp / "score.json", info)
+    write_json(Path(metrics_dir) / "score.json", info)
+    return info
+
+
+def prune(
+    params: PruneParams,
+    teacher_dir: str | Path = paths.TEACHER,
+    scores_dir: str | Path = paths.SCORES,
+    out_dir: str | Path = paths.PRUNED,
+    metrics_dir: str | Path = paths.METRICS,
+) -> dict:
+    """Remove the lowest-ranked channels (paper semantics) at a ratio or a MACs target; save pickle-free."""
+    unet, scheduler = load_model(teacher_dir)
+    scores = read_scores(scores_dir, model_hash(unet))
+    criterion = scores["criterion"]
+    grads = scores.get("gradients")
+    before_macs, before_params = macs_and_params(unet)
+    start = time.perf_counter()
+    if params.target_macs is not None:
+        unet, ratio = prune_to_macs(unet, params.target_macs, criterion, grads, params.seed)
+    else:
+        ratio = params.pruning_ratio
+        unet = prune_unet(unet, ratio, criterion, grads, params.seed)
+    reinit = params.reinit or criterion == "reinit"
+    if reinit:
+        reinitialise(unet, params.seed)
+    seconds = time.perf_counter() - start
+    macs, n_params = macs_and_params(unet)
+    info = {"criterion": criterion, "pruning_ratio": ratio, "target_macs": params.target_macs, "reinit": reinit,
+            "teacher": {"macs": before_macs, "params": before_params},
+            "pruned": {"macs": macs, "params": n_params},
+            "macs_ratio": macs / before_macs, "params_ratio": n_params / before_params,
+            "seconds": round(seconds, 2), "widths": layer_widths(unet)}
+    save_model(unet, scheduler, out_dir)
+    write_json(Path(metrics_dir) / "prune.json", info)
+    return {k: v for k, v in info.items() if k != "widths"}

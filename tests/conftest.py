@@ -45,3 +45,16 @@ def tiny_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny"
     save_model(build_unet(TINY_ARCH, 8, 1), make_scheduler(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(digits, tmp_path_factory):
+    """A tiny UNet trained briefly on a 100-step schedule: its loss falls with t, as a real teacher's."""
+    from diffprune.training import train
+    from tiny import tiny_train
+
+    torch.manual_seed(0)
+    unet = build_unet(TINY_ARCH, 8, 1)
+    result = train(unet, make_scheduler(100), digits.train, tiny_train(steps=150, batch_size=16, checkpoint_every=150,
+                                                                      ema_decay=0.0), tmp_path_factory.mktemp("ck"))
+    return result.model

@@ -16,6 +16,8 @@ TINY_PARAMS = {
         "architecture": {"block_out_channels": [16, 32], "attention_levels": [1], "norm_num_groups": 4},
         "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 4},
     },
+    "score": {"criterion": "diff-pruning", "batch_size": 8},
+    "prune": {"pruning_ratio": 0.3},
     "finetune": {"steps": 4, "batch_size": 8, "checkpoint_every": 2},
     "evaluate": {"steps": 3, "seeds": [0, 1], "n_samples": 16, "batch_size": 16, "extractor": {"epochs": 2},
                  "latency_batch": 2, "latency_steps": 2, "latency_repeats": 1, "grid_images": 8},
@@ -32,7 +34,7 @@ def project(tmp_path, monkeypatch):
 def test_every_stage_documents_its_options():
     parser = build_parser()
     subs = parser._subparsers._group_actions[0].choices
-    assert set(subs) == {"prepare", "teacher", "finetune", "evaluate"}
+    assert set(subs) == {"prepare", "teacher", "score", "prune", "finetune", "evaluate"}
     for sub in subs.values():
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.option_strings} has no help"
@@ -47,6 +49,8 @@ def test_every_stage_documents_its_options():
         (["prepare", "--set", "dataset=imagefolder", "--set", "path=empty"], "no PNG/JPEG/WebP"),
         (["finetune", "--set", "lr=-1"], "finetune.lr"),
         (["finetune", "--student", "nowhere"], "not a prepared dataset"),
+        (["prune", "--set", "target_macs=0.5"], "set exactly one of prune.pruning_ratio and prune.target_macs"),
+        (["score", "--set", "criterion=l1"], "score.criterion"),
         (["evaluate", "--params", "missing.yaml"], "no such params file"),
     ],
 )
@@ -81,7 +85,7 @@ def test_corrupt_checkpoint_via_cli_keeps_previous_model(project, capsys):
 @pytest.mark.slow
 def test_stage_chain_end_to_end(project):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for stage in ("prepare", "teacher", "finetune", "evaluate"):
+    for stage in ("prepare", "teacher", "score", "prune", "finetune", "evaluate"):
         proc = subprocess.run([sys.executable, "-m", "diffprune", stage], cwd=project, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -95,5 +99,9 @@ def test_stage_chain_end_to_end(project):
     assert metrics["n_samples"] == 16 and len(metrics["pruned"]["fid_per_seed"]) == 2
     assert len(list(Path(project, "samples/pruned/seed0").glob("*.png"))) == 16
     assert (project / "samples/grid_pairs.png").is_file()
+    assert metrics["macs_ratio"] < 0.8 and metrics["pruned"]["params"] < metrics["teacher"]["params"]
+    score = json.loads((project / "metrics/score.json").read_text())
+    assert 1 <= score["timesteps_visited"] <= 1000 and (project / "scores/gradients.safetensors").is_file()
+    assert (project / "models/pruned/unet/architecture.json").is_file()
     loss = (project / "metrics/finetune_loss.csv").read_text().splitlines()
     assert loss[0] == "step,loss" and len(loss) == 5

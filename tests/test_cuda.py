@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
 def test_training_on_cuda_with_mixed_precision(tiny_unet, digits, tmp_path, precision):
-    result = train(tiny_unet, make_scheduler(), digits.train, tiny_train(steps=30, mixed_precision=precision, device="cuda"), tmp_path)
+    params = tiny_train(steps=30, mixed_precision=precision, device="cuda")
+    result = train(tiny_unet, make_scheduler(), digits.train, params, tmp_path)
     assert all(np.isfinite(result.losses))
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
@@ -37,6 +38,7 @@ def test_evaluate_pair_on_cuda(tiny_unet, digits, tmp_path):
 
 def test_fp16_refused_only_without_cuda(tiny_unet, digits, tmp_path):
     try:
-        train(tiny_unet, make_scheduler(), digits.train, tiny_train(steps=1, mixed_precision="fp16", device="cuda"), tmp_path)
+        params = tiny_train(steps=1, mixed_precision="fp16", device="cuda")
+        train(tiny_unet, make_scheduler(), digits.train, params, tmp_path)
     except DiffpruneError:
         pytest.fail("fp16 must be accepted on CUDA")

@@ -1,0 +1,49 @@
+import torch
+import torch.nn.functional as F
+
+from diffprune.importance import accumulate_gradients
+from diffprune.models import make_scheduler
+from diffprune.seeding import derive_seed
+from diffprune.training import images_to_tensor
+
+
+def _pass(unet, digits, criterion, thr, T=100):
+    x0 = images_to_tensor(digits.train[:8])
+    return accumulate_gradients(unet, make_scheduler(T), [x0], criterion, thr, progress=False)
+
+
+def test_diff_pruning_visits_fewer_timesteps_as_thr_grows(trained_tiny, digits):
+    visited = [len(_pass(trained_tiny, digits, "diff-pruning", thr).timesteps) for thr in (0.0, 0.05, 0.3, 0.7)]
+    assert visited[0] == 100
+    assert visited == sorted(visited, reverse=True) and visited[-1] < visited[0]
+    result = _pass(trained_tiny, digits, "diff-pruning", 0.3)
+    assert result.timesteps == list(range(len(result.timesteps)))  # t = 0, 1, 2, … from the least noisy
+    assert result.losses[-1] < 0.3 * max(result.losses)  # the first sub-threshold step is included
+    assert all(v >= 0.3 * max(result.losses[: i + 1]) for i, v in enumerate(result.losses[:-1]))
+
+
+def test_thr_zero_accumulates_the_taylor_gradient(tiny_unet, digits):
+    a = _pass(tiny_unet, digits, "diff-pruning", 0.0, T=30)
+    b = _pass(tiny_unet, digits, "taylor", 0.05, T=30)  # taylor ignores thr: all T steps
+    assert a.grads.keys() == b.grads.keys() and len(b.timesteps) == 30
+    assert all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
+
+
+def test_gradients_are_the_sum_over_visited_timesteps(tiny_unet, digits):
+    full = _pass(tiny_unet, digits, "diff-pruning", 0.0, T=3)
+    x0 = images_to_tensor(digits.train[:8])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(0, 0)))
+    alphas = make_scheduler(3).alphas_cumprod
+    tiny_unet.zero_grad()
+    for t in range(3):
+        xt = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+        F.mse_loss(tiny_unet(xt, torch.full((8,), t)).sample, eps).backward()
+    manual = {n: p.grad for n, p in tiny_unet.named_parameters()}
+    assert all(torch.allclose(full.grads[k], manual[k], atol=1e-6) for k in full.grads)
+    tiny_unet.zero_grad(set_to_none=True)
+
+
+def test_n_batches_average(tiny_unet, digits):
+    x0 = images_to_tensor(digits.train[:16])
+    two = accumulate_gradients(tiny_unet, make_scheduler(10), list(x0.split(8)), "taylor", 0.0, progress=False)
+    assert len(two.timesteps) == 10 and two.seconds > 0

@@ -1,0 +1,107 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
+from torch import nn
+
+from diffprune.importance import accumulate_gradients
+from diffprune.metrics import macs_and_params
+from diffprune.models import make_scheduler
+from diffprune.pruning import _lowest_per_chunk, plan_pruning, prune_to_macs, prune_unet, reinitialise
+from diffprune.training import images_to_tensor, train
+from tiny import tiny_train
+
+
+@pytest.fixture
+def grads(tiny_unet, digits):
+    x0 = images_to_tensor(digits.train[:8])
+    return accumulate_gradients(tiny_unet, make_scheduler(40), [x0], "taylor", 0.0, progress=False).grads
+
+
+def _plans(unet, criterion, grads=None):
+    unet = copy.deepcopy(unet)
+    if grads:
+        for name, p in unet.named_parameters():
+            p.grad = grads.get(name)
+    _, plans = plan_pruning(unet, 0.5, criterion, seed=0)
+    return [tuple(idxs) for _, _, idxs in plans]
+
+
+def test_criteria_rank_channels_differently(tiny_unet, grads):
+    plans = {c: _plans(tiny_unet, c, grads) for c in ("random", "magnitude", "taylor", "diff-pruning")}
+    assert len({tuple(p) for p in plans.values()}) == 4
+    assert _plans(tiny_unet, "random") == _plans(tiny_unet, "random")  # seeded
+
+
+def test_ratio_follows_the_papers_per_group_rule(tiny_unet):
+    # GroupNorm(4): 16 channels lose (16 - int(16*0.7)) // 4 = 1 per group, 32 lose 10 // 4 = 2 per group.
+    unet = prune_unet(tiny_unet, 0.3, "magnitude")
+    assert unet.conv_in.out_channels == 12
+    assert unet.down_blocks[1].resnets[0].conv1.out_channels == 24
+    for m in unet.modules():
+        if isinstance(m, nn.GroupNorm):
+            assert m.num_groups == 4 and m.num_channels % 4 == 0
+    assert unet.conv_out.out_channels == 1  # ignored layer
+
+
+def test_each_chunk_loses_its_own_lowest_channels(tiny_unet):
+    scores = torch.tensor([5.0, 1, 7, 8, 0, 9, 9, 9, 3, 2, 1, 9, 9, 9, 9, 0.5])
+    # 16 channels at ratio 0.3: n = 16 - int(11.2) = 5 → ⌊5/4⌋ = 1 per GroupNorm chunk, its own lowest
+    assert _lowest_per_chunk(scores, 0.3, chunks=4) == [1, 4, 10, 15]
+    assert _lowest_per_chunk(scores, 0.3, chunks=1) == [1, 4, 9, 10, 15]  # no groups: the 5 lowest
+    _, plans = plan_pruning(copy.deepcopy(tiny_unet), 0.3, "magnitude")
+    # GN-coupled 16 → 4 removed, 32 → 8; ungrouped q/k/v 32 → 10; time embedding 64 → 20
+    assert {len(idxs) for _, _, idxs in plans} == {4, 8, 10, 20}
+
+
+def test_qkv_stay_consistent(tiny_unet):
+    unet = prune_unet(tiny_unet, 0.5, "magnitude")
+    attn = unet.down_blocks[1].attentions[0]
+    assert attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features == attn.to_out[0].in_features
+    assert attn.to_q.in_features == attn.group_norm.num_channels
+
+
+def test_target_macs_lands_at_or_under_target(tiny_unet):
+    base, _ = macs_and_params(tiny_unet)
+    pruned, ratio = prune_to_macs(copy.deepcopy(tiny_unet), 0.6, "magnitude")
+    macs, _ = macs_and_params(pruned)
+    assert macs <= 0.6 * base and 0 < ratio < 0.95
+    looser = prune_unet(copy.deepcopy(tiny_unet), max(0.0, ratio - 0.01), "magnitude")
+    assert macs_and_params(looser)[0] > 0.6 * base  # the smallest ratio that meets the target
+
+
+def test_pruned_model_samples_in_diffusers_pipelines_and_trains(tiny_unet, digits, tmp_path):
+    unet = prune_unet(tiny_unet, 0.5, "random")
+    sched = make_scheduler()
+    ddim = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config))
+    out = ddim(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 8, 8, 1) and np.isfinite(out.images).all()
+    out = DDPMPipeline(unet=unet, scheduler=sched)(batch_size=1, num_inference_steps=3, output_type="np")
+    assert out.images.shape == (1, 8, 8, 1)
+    result = train(unet, sched, digits.train, tiny_train(steps=3), tmp_path)
+    assert all(np.isfinite(result.losses))
+
+
+def test_reinit_keeps_structure_and_replaces_weights(tiny_unet):
+    unet = prune_unet(tiny_unet, 0.5, "random")
+    before = copy.deepcopy(unet.state_dict())
+    reinitialise(unet, seed=0)
+    after = unet.state_dict()
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    assert not torch.equal(before["conv_in.weight"], after["conv_in.weight"])
+
+
+def test_cifar10_ddpm_architecture_matches_the_paper():
+    unet = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None, norm_num_groups=32,
+    )
+    macs, params = macs_and_params(unet)
+    assert params == pytest.approx(35.7e6, rel=0.01) and macs == pytest.approx(6.1e9, rel=0.01)
+    prune_unet(unet, 0.3, "magnitude")
+    macs, params = macs_and_params(unet)
+    assert params == pytest.approx(19.8e6, rel=0.01) and macs == pytest.approx(3.4e9, rel=0.01)

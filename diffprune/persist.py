@@ -34,7 +34,10 @@ def describe(unet: UNet2DModel) -> dict:
     for name, module in unet.named_modules():
         tensors = {k: list(v.shape) for k, v in module.named_parameters(recurse=False)}
         tensors.update({k: list(v.shape) for k, v in module.named_buffers(recurse=False) if v is not None})
-        attrs = {a: getattr(module, a) for a in _WIDTH_ATTRS if isinstance(getattr(module, a, None), int)}
+        # The root's widths live in its config (and reading them as attributes is deprecated in diffusers).
+        attrs = {} if module is unet else {
+            a: getattr(module, a) for a in _WIDTH_ATTRS if isinstance(getattr(module, a, None), int)
+        }
         if tensors or attrs:
             modules[name] = {"type": type(module).__name__, "attrs": attrs, "tensors": tensors}
     return {"format": _FORMAT, "config": _jsonable(dict(unet.config)), "modules": modules}

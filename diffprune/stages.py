@@ -58,7 +58,7 @@ def teacher(
         result = train(unet, scheduler, data.train, params.train, ckpt_dir)
         unet = result.model
         info.update(steps=result.steps, train_seconds=round(result.seconds, 1), world_size=result.world_size,
-                    final_loss=float(sum(result.losses[-50:]) / len(result.losses[-50:])))
+                    final_loss=result.final_loss)
         if is_main_process():
             write_loss_history(result.losses, Path(metrics_dir) / "teacher_loss.csv")
     else:
@@ -98,9 +98,8 @@ def finetune(
     teacher_unet = load_model(teacher_dir)[0] if params.distill else None
     result = train(unet, scheduler, data.train, params, ckpt_dir, teacher=teacher_unet,
                    distill_weight=params.distill_weight if params.distill else 0.0)
-    tail = result.losses[-50:]
     info = {"steps": result.steps, "train_seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
-            "world_size": result.world_size, "final_loss": float(sum(tail) / len(tail)), "distill": params.distill,
+            "world_size": result.world_size, "final_loss": result.final_loss, "distill": params.distill,
             "params": count_params(result.model)}
     if is_main_process():
         save_model(result.model, scheduler, out_dir)

@@ -47,6 +47,12 @@ class TrainResult:
     seconds: float = 0.0
     world_size: int = 1
 
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last 50 steps: one step's loss is too noisy to report."""
+        tail = self.losses[-50:]
+        return float(sum(tail) / len(tail)) if tail else float("nan")
+
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """NHWC uint8 → NCHW float in [-1, 1]."""

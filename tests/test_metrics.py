@@ -52,3 +52,26 @@ def test_macs_params_and_latency(tiny_unet):
 def _folder(images, path):
     save_pngs(images, path)
     return path
+
+
+def test_inception_requested_offline_without_weights_says_where_to_put_them(digits, tmp_path, monkeypatch):
+    import urllib.error
+
+    import cleanfid.downloads_helper
+
+    from diffprune.errors import DiffpruneError
+
+    def offline(fpath):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_inception", offline)
+    params = tiny_eval(tmp_path / "fid", fid_extractor="inception",
+                       inception_path=str(tmp_path / "w" / "inception-2015-12-05.pt"))
+    with pytest.raises(DiffpruneError) as info:
+        fid_reference(digits, params, torch.device("cpu"))
+    assert "inception-2015-12-05.pt" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_auto_extractor_falls_back_to_the_classifier_without_weights(digits, tmp_path):
+    params = tiny_eval(tmp_path / "fid", inception_path=str(tmp_path / "absent" / "inception-2015-12-05.pt"))
+    assert fid_reference(digits, params, torch.device("cpu")).name.startswith("classifier-")

@@ -16,3 +16,19 @@ def tiny_eval(cache_dir, **kw) -> EvaluateParams:
                 extractor=ExtractorParams(epochs=2), latency_batch=4, latency_steps=2, latency_repeats=1,
                 grid_images=16)
     return EvaluateParams(**{**base, **kw})
+
+
+# A params.yaml for the whole stage chain on tiny models (CLI and DVC tests).
+TINY_PARAMS = {
+    "data": {"resolution": 8, "max_images": 240},
+    "teacher": {
+        "source": "scratch",
+        "architecture": {"block_out_channels": [16, 32], "attention_levels": [1], "norm_num_groups": 4},
+        "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 4},
+    },
+    "score": {"criterion": "diff-pruning", "batch_size": 8},
+    "prune": {"pruning_ratio": 0.3},
+    "finetune": {"steps": 4, "batch_size": 8, "checkpoint_every": 2},
+    "evaluate": {"steps": 3, "seeds": [0, 1], "n_samples": 16, "batch_size": 16, "extractor": {"epochs": 2},
+                 "latency_batch": 2, "latency_steps": 2, "latency_repeats": 1, "grid_images": 8},
+}

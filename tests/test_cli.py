@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from diffprune.cli import build_parser, main
@@ -92,3 +93,35 @@ def test_stage_chain_end_to_end(project):
     assert (project / "models/pruned/unet/architecture.json").is_file()
     loss = (project / "metrics/finetune_loss.csv").read_text().splitlines()
     assert loss[0] == "step,loss" and len(loss) == 5
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_uninterrupted_weights(project):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "diffprune", "teacher",
+           "--set", "train.steps=300", "--set", "train.checkpoint_every=10"]
+    subprocess.run([sys.executable, "-m", "diffprune", "prepare"], cwd=project, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([*cmd, "--out", "straight", "--checkpoints", "ck_straight"], cwd=project, env=env, check=True,
+                   capture_output=True, timeout=600)
+
+    proc = subprocess.Popen([*cmd, "--out", "resumed", "--checkpoints", "ck_resumed"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(project.glob("ck_resumed/*/step-0000030")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (project / "resumed").exists(), "killed too late: the run had finished"
+    done = subprocess.run([*cmd, "--out", "resumed", "--checkpoints", "ck_resumed"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["source"] == "scratch"
+    a = load_file(project / "straight/unet/diffusion_pytorch_model.safetensors")
+    b = load_file(project / "resumed/unet/diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

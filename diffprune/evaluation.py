@@ -26,6 +26,7 @@ from diffprune.metrics import (
     real_floor,
     ssim,
 )
+from diffprune.models import model_hash
 from diffprune.sampling import grid, paired_grid, sample, save_pngs
 
 
@@ -33,15 +34,6 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def model_hash(unet: torch.nn.Module) -> str:
-    h = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def sample_set(unet, scheduler, n: int, seed: int, params: EvaluateParams, device: torch.device,

@@ -7,6 +7,7 @@ A model directory has the diffusers pipeline layout (``model_index.json``, ``une
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -125,3 +126,13 @@ def _first_line(exc: BaseException) -> str:
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_hash(unet: torch.nn.Module) -> str:
+    """Content hash of a model: config, tensor names, shapes and values (not its file paths)."""
+    h = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -18,7 +18,7 @@ from diffprune.atomic import atomic_dir, write_json
 from diffprune.config import DataParams, EvaluateParams, FinetuneParams, PruneParams, ScoreParams, TeacherParams
 from diffprune.data import load_prepared, prepare_dataset
 from diffprune.errors import DiffpruneError
-from diffprune.evaluation import evaluate_pair, model_hash, resolve_device
+from diffprune.evaluation import evaluate_pair, resolve_device
 from diffprune.importance import GRADIENT_CRITERIA, accumulate_gradients
 from diffprune.metrics import macs_and_params
 from diffprune.models import (
@@ -28,6 +28,7 @@ from diffprune.models import (
     load_model,
     load_pretrained,
     make_scheduler,
+    model_hash,
     save_model,
 )
 from diffprune.pruning import layer_widths, prune_to_macs, prune_unet, reinitialise

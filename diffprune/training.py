@@ -32,6 +32,7 @@ from diffprune.atomic import atomic_file
 from diffprune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from diffprune.config import TrainParams
 from diffprune.errors import DiffpruneError
+from diffprune.models import model_hash
 from diffprune.seeding import derive_seed
 
 # Run-length knobs that may change between a run and its resumption without changing its result.
@@ -222,9 +223,6 @@ def _load_weights(model: torch.nn.Module, sd: dict, path: Path) -> None:
 
 def _fingerprint(unet: UNet2DModel, params: TrainParams, images: np.ndarray, world: int, extra: str) -> str:
     recipe = {k: v for k, v in params.model_dump().items() if k not in _RESUMABLE_KEYS}
-    h = hashlib.sha256(json.dumps([recipe, dict(unet.config), world, extra], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps([recipe, model_hash(unet), world, extra], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(images.tobytes()).digest())
-    for name, tensor in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffprune.atomic import atomic_dir
+from diffprune.atomic import atomic_dir, atomic_file
 from diffprune.config import EvaluateParams
 from diffprune.data import Prepared
 from diffprune.metrics import (
@@ -36,11 +36,12 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def sample_set(unet, scheduler, n: int, seed: int, params: EvaluateParams, device: torch.device,
-               ref: FidReference, tag: str) -> tuple[np.ndarray, np.ndarray, Path]:
-    """Images, FID features and the PNG folder of ``n`` samples of ``seed`` (cached by content)."""
+def sample_set(unet, scheduler, weights_hash: str, n: int, seed: int, params: EvaluateParams,
+               device: torch.device, ref: FidReference, tag: str) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Images, FID features and the PNG folder of ``n`` samples of ``seed`` (cached by content;
+    ``weights_hash`` is :func:`model_hash` of ``unet``, computed once by the caller)."""
     key = hashlib.sha256(json.dumps(
-        [model_hash(unet), params.sampler, params.steps, params.eta, params.batch_size, n, seed],
+        [weights_hash, params.sampler, params.steps, params.eta, params.batch_size, n, seed],
     ).encode()).hexdigest()[:16]
     folder = Path(params.cache_dir) / "samples" / key
     feats_file = folder / f"features-{ref.name}.npy"
@@ -51,7 +52,9 @@ def sample_set(unet, scheduler, n: int, seed: int, params: EvaluateParams, devic
             np.save(tmp / "images.npy", images, allow_pickle=False)
             save_pngs(images, tmp / "png")
     if not feats_file.is_file():
-        np.save(feats_file, ref.features(folder / "png", params.batch_size), allow_pickle=False)
+        feats = ref.features(folder / "png", params.batch_size)
+        with atomic_file(feats_file, "wb") as fh:
+            np.save(fh, feats, allow_pickle=False)
     return np.load(folder / "images.npy"), np.load(feats_file), folder / "png"
 
 
@@ -63,11 +66,12 @@ def evaluate_pair(data: Prepared, teacher: tuple, student: tuple, params: Evalua
     floor, floor_n = real_floor(ref, n, params.seeds)
     result = {name: {"fid_per_seed": []} for name in ("teacher", "pruned")}
     ssims = []
+    hashes = {"teacher": model_hash(teacher[0]), "pruned": model_hash(student[0])}
     with atomic_dir(samples_dir) as out:
         for seed in params.seeds:
             per_model = {}
             for name, (unet, sched) in (("teacher", teacher), ("pruned", student)):
-                images, feats, png = sample_set(unet, sched, n, seed, params, device, ref, name)
+                images, feats, png = sample_set(unet, sched, hashes[name], n, seed, params, device, ref, name)
                 result[name]["fid_per_seed"].append(ref.fid(feats))
                 _link_tree(png, out / name / f"seed{seed}")
                 per_model[name] = images

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from diffprune.seeding import derive_seed
 
 GRADIENT_CRITERIA = ("diff-pruning", "taylor")
-CRITERIA = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from diffprune.errors import DiffpruneError
+from diffprune.importance import GRADIENT_CRITERIA
 from diffprune.metrics import macs_and_params
 
 IMPORTANCE = {
@@ -47,7 +48,7 @@ def prune_unet(
     if grads is not None:
         for name, p in unet.named_parameters():
             p.grad = grads[name].to(p.device, p.dtype) if name in grads else None
-    if criterion in ("diff-pruning", "taylor") and grads is None:
+    if criterion in GRADIENT_CRITERIA and grads is None:
         raise DiffpruneError(f"criterion {criterion!r} needs the gradients of the score stage")
     graph, plans = plan_pruning(unet, ratio, criterion, seed)
     for module, handler, idxs in plans:

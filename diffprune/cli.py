@@ -11,11 +11,11 @@ import json
 import sys
 from collections.abc import Callable
 
-from diffprune import paths
+from diffprune import cli_flows, paths
 from diffprune.config import Params, load_params
 from diffprune.errors import DiffpruneError
 
-GROUPS = tuple(Params.model_fields)
+GROUPS = tuple(field.alias or name for name, field in Params.model_fields.items())
 
 
 def _common(sub: argparse.ArgumentParser, group: str) -> None:
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default=paths.FINETUNED, help="student model (default: %(default)s)")
     p.add_argument("--samples", default=paths.SAMPLES, help="sample images and grids (default: %(default)s)")
     p.add_argument("--metrics", default=paths.METRICS, help="metrics folder (default: %(default)s)")
+
+    cli_flows.add_parsers(subs)
     return parser
 
 
@@ -87,6 +89,8 @@ def _params_for(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> dict:
+    if getattr(args, "orchestrate", None):
+        return cli_flows.run(args)
     from diffprune import (
         stages,  # heavy imports (torch, diffusers) only once arguments are valid
     )
@@ -107,17 +111,23 @@ def _run(args: argparse.Namespace) -> dict:
     return runners[args.stage]()
 
 
+def run(argv: list[str]) -> dict:
+    """Run one stage from command-line arguments; bad input raises :class:`DiffpruneError`."""
+    return _run(build_parser().parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = _run(args)
     except DiffpruneError as exc:
         print(f"diffprune {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"diffprune {args.stage}: interrupted; completed outputs are intact", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2, default=str))
+    if summary:
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

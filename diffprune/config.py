@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from diffprune.errors import DiffpruneError
 
+STAGES = ("prepare", "teacher", "score", "prune", "finetune", "evaluate", "register")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -161,8 +163,84 @@ class EvaluateParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class RegisterParams(_Strict):
+    """Model registration and the promotion gate (stage ``register``)."""
+
+    enabled: bool = True
+    model_name: str = Field("diffprune-digits", min_length=1)
+    max_fid_ratio: float = Field(1.3, gt=0.0, description="gate: pruned FID ≤ this × the teacher's FID")
+    max_macs_ratio: float = Field(0.6, gt=0.0, le=1.0, description="gate: pruned MACs ≤ this × the teacher's")
+    champion_margin: float = Field(0.05, ge=0.0, description="gate: FID ratio at most (1 + this) × the champion's")
+    predict_steps: int = Field(50, ge=1, description="default sampler steps of the registered model's predict")
+
+
+class TrackingParams(_Strict):
+    """MLflow: where runs, metrics, artifacts and registered models go (``MLFLOW_TRACKING_URI`` wins)."""
+
+    uri: str = Field("sqlite:///mlflow.db", description="relative sqlite paths are taken from the project root")
+    experiment: str = Field("diffprune", min_length=1)
+    artifact_root: str = Field("mlartifacts", description="artifact store of a newly created experiment")
+    enabled: bool = True
+
+
+class ScheduleParams(_Strict):
+    """The scheduled deployment of the pipeline flow (``diffprune serve``)."""
+
+    name: str = Field("diffprune-nightly", min_length=1)
+    cron: str = Field("0 3 * * *", description="five-field cron in `timezone`")
+    timezone: str = "UTC"
+    params: str = Field("params.yaml", description="params file each scheduled run reads")
+
+
+class OrchestrationParams(_Strict):
+    """How the Prefect flows run stages: cache store, process isolation, timeouts, retries, task runner."""
+
+    store: str = Field("artifacts/store", description="content-addressed stage outputs (one folder per cache key)")
+    executor: Literal["subprocess", "inline"] = Field(
+        "subprocess", description="subprocess: each stage in its own process, so its timeout is enforced")
+    timeouts_min: dict[str, float] = Field(
+        default_factory=lambda: {"prepare": 30, "teacher": 720, "score": 120, "prune": 30, "finetune": 720,
+                                 "evaluate": 240, "register": 30},
+        description="wall-clock limit per stage, minutes")
+    retries: int = Field(1, ge=0, description="re-runs after a transient failure (never after bad input)")
+    retry_delay_s: float = Field(5.0, ge=0.0)
+    task_runner: Literal["local", "dask"] = "local"
+    max_workers: int = Field(2, ge=1, description="branches run at once (local threads or Dask workers)")
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> OrchestrationParams:
+        for stage, minutes in self.timeouts_min.items():
+            if stage not in STAGES:
+                raise ValueError(f"timeouts_min.{stage}: unknown stage (expected one of {', '.join(STAGES)})")
+            if minutes <= 0:
+                raise ValueError(f"timeouts_min.{stage}: must be positive")
+        return self
+
+
+class SweepParams(_Strict):
+    """The sweep flow: criteria × MACs targets × seeds, sharing the prepared data and the teacher."""
+
+    criteria: tuple[Literal["diff-pruning", "taylor", "magnitude", "random", "reinit"], ...] = Field(
+        ("diff-pruning", "taylor", "magnitude", "random", "reinit"), min_length=1)
+    thresholds: tuple[float, ...] = Field((0.05,), min_length=1, description="diff-pruning thresholds to try")
+    target_macs: tuple[float, ...] = Field((0.6,), min_length=1, description="fractions of the teacher's MACs")
+    seeds: tuple[int, ...] = Field((0,), min_length=1, description="pruning + fine-tuning seeds per branch")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SweepParams:
+        for thr in self.thresholds:
+            if not 0.0 <= thr < 1.0:
+                raise ValueError(f"thresholds: {thr} outside [0, 1)")
+        for target in self.target_macs:
+            if not 0.0 < target <= 1.0:
+                raise ValueError(f"target_macs: {target} outside (0, 1]")
+        return self
+
+
 class Params(_Strict):
     """All of ``params.yaml``; stages read only their own group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 
     data: DataParams = DataParams()
     teacher: TeacherParams = TeacherParams()
@@ -170,6 +248,12 @@ class Params(_Strict):
     prune: PruneParams = PruneParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    # "register" would shadow BaseModel.register: the YAML key is "register", the attribute "registration".
+    registration: RegisterParams = Field(RegisterParams(), alias="register")
+    tracking: TrackingParams = TrackingParams()
+    schedule: ScheduleParams = ScheduleParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
+    sweep: SweepParams = SweepParams()
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:

@@ -6,3 +6,5 @@ class DiffpruneError(Exception):
 
     The CLI prints ``str(error)`` on one line and exits non-zero; everything else is a bug.
     """
+
+    exit_code = 2

@@ -1,0 +1,96 @@
+"""The CLI's orchestration edge: ``diffprune run | sweep | serve | register``.
+
+The only place in the package that reaches Prefect and MLflow, and only through lazy imports of
+``flows/`` and ``tasks/``, after the environment below is set (Prefect reads it at import time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from diffprune.config import load_params
+
+# What a first run on a fresh machine needs: the temporary Prefect server's database set-up takes
+# ~20 s here, which is Prefect's default start-up limit; and no telemetry leaves the machine.
+ENVIRONMENT = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+}
+
+
+def prepare_environment(store: str) -> None:
+    """Defaults only: anything the user exported wins. Cache records live next to the store they describe."""
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(store, "_prefect_results").resolve()))
+
+
+def add_parsers(subs) -> None:
+    for name, text in (("run", "run the pipeline flow (the main job) on params.yaml"),
+                       ("sweep", "run the sweep flow: criteria × MACs targets × seeds, one comparison table"),
+                       ("serve", "serve the pipeline flow on the cron schedule in params.yaml (Prefect server)"),
+                       ("register", "log the `dvc repro` outputs to MLflow and register the fine-tuned model")):
+        p = subs.add_parser(name, help=text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
+                       help="override any key, e.g. --set prune.pruning_ratio=0.3 (repeatable)")
+        p.set_defaults(group=None, orchestrate=name)
+    subs.choices["sweep"].add_argument("--task-runner", choices=("local", "dask"), default=None,
+                                       help="override orchestration.task_runner")
+    subs.choices["serve"].add_argument("--once", action="store_true",
+                                       help="create the deployment and exit instead of serving it")
+
+
+def run(args: argparse.Namespace) -> dict:
+    overrides = list(args.overrides)
+    if getattr(args, "task_runner", None):
+        overrides.append(f"orchestration.task_runner={args.task_runner}")
+    params = load_params(args.params, overrides)  # validate before any heavy import
+    prepare_environment(params.orchestration.store)
+    if args.orchestrate == "run":
+        from flows.pipeline import pipeline
+
+        result = pipeline(params_file=args.params, overrides=overrides)
+        print_headline(result)
+        return {}
+    if args.orchestrate == "sweep":
+        from flows.sweep import sweep
+
+        result = sweep(params_file=args.params, overrides=overrides)
+        print(result["table"])
+        print(f"comparison written to {result['table_file']}")
+        return {}
+    if args.orchestrate == "serve":
+        from flows.serve import serve
+
+        return serve(args.params, overrides, once=args.once)
+    from tasks.dvc_register import register_workspace
+
+    return register_workspace(params)
+
+
+def print_headline(result: dict) -> None:
+    h = result["summary"]
+    print()
+    print(f"teacher: {h['teacher_params']:,} params, {h['teacher_macs'] / 1e6:.2f} M MACs, "
+          f"FID {h['teacher_fid']:.3f} ± {h['teacher_fid_std']:.3f}")
+    print(f"pruned ({h['criterion']}): {h['params']:,} params, {h['macs'] / 1e6:.2f} M MACs "
+          f"({h['macs_ratio']:.3f}×), FID {h['fid']:.3f} ± {h['fid_std']:.3f} (ratio {h['fid_ratio']:.2f}), "
+          f"SSIM to teacher {h['ssim']:.3f}, speed-up {h['speedup']:.2f}× (ideal {1 / h['macs_ratio']:.2f}×)")
+    hits = result["cache_hits"]
+    print(f"cache hits: {sum(hits.values())}/{len(hits)} stages "
+          f"({', '.join(k for k, v in hits.items() if v) or 'none'})")
+    if result.get("registered"):
+        r = result["registered"]
+        print(f"registered: {r['model_uri']} aliases {', '.join(r['aliases'])}; "
+              f"gate {'passed' if r['gate']['passed'] else 'refused'}")
+    print(f"report: {result['report']}")
+    if result.get("tracking_uri"):
+        print(f"MLflow: mlflow ui --backend-store-uri {result['tracking_uri']}   (then http://127.0.0.1:5000)")
+    print("Prefect: prefect server start   (then http://127.0.0.1:4200; flow runs and their report artifacts)")

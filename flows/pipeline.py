@@ -1,0 +1,93 @@
+"""The main job: prepare → teacher → score → prune → finetune → evaluate → register, as cached tasks.
+
+``diffprune run`` (what ``make run`` calls) runs this flow on ``params.yaml`` plus ``--set`` overrides;
+``diffprune serve`` serves it on the cron schedule of ``params.yaml``'s ``schedule`` group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from diffprune.atomic import atomic_file
+from diffprune.config import load_params
+from diffprune.report import render
+from flows.steps import Steps, publish_report, stage_params, summary_of
+from tasks import stages
+from tasks.registration import register
+from tasks.store import manifest_of
+
+
+@flow(name="diffprune-pipeline", log_prints=True)
+def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Run (or find cached) every stage of the default chain; returns the headline numbers and where to look."""
+    params = load_params(params_file, overrides or [])
+    run_name = str(flow_run.name or "pipeline")
+    steps = Steps(params, run_name)
+    try:
+        data = steps.call(stages.prepare, "prepare")
+        teacher = steps.call(stages.teacher, "teacher", data=data)
+        scores = steps.call(stages.score, "score", data=data, teacher=teacher)
+        pruned = steps.call(stages.prune, "prune", teacher=teacher, scores=scores)
+        tuned = steps.call(stages.finetune, "finetune", data=data, student=pruned, teacher=teacher)
+        evaluation = steps.call(stages.evaluate, "evaluate", data=data, teacher=teacher, student=tuned)
+        refs = {"teacher": teacher, "score": scores, "prune": pruned, "finetune": tuned, "evaluate": evaluation}
+        summary = summary_of(refs)
+        registered = None
+        if params.registration.enabled and steps.tracker:
+            registered = _register(steps, params, tuned, evaluation, summary)
+        links = _links(steps, registered)
+        report = render(summary, title=f"diffprune run {run_name}", links=links)
+        out = Path(params.orchestration.store).parent / "reports"
+        grids = [Path(evaluation["path"]) / "output" / f"grid_{n}.png" for n in ("pairs", "teacher", "pruned")]
+        report_file = publish_report(report, grids, "diffprune-report", out / f"{run_name}.md")
+        with atomic_file(out / "latest.md") as fh:
+            fh.write(report)
+        steps.finish(True, {k: v for k, v in summary.items() if isinstance(v, int | float)}, report)
+    except BaseException:
+        steps.finish(False)
+        raise
+    hits = sum(steps.hits.values())
+    get_run_logger().info("%d of %d stages were cache hits", hits, len(steps.hits))
+    return {"summary": summary, "registered": registered, "report": str(report_file), "cache_hits": dict(steps.hits),
+            "keys": dict(steps.keys), "mlflow_run_id": steps.tracker.run_id if steps.tracker else None,
+            "tracking_uri": steps.tracker.uri if steps.tracker else None}
+
+
+def _register(steps: Steps, params, tuned: dict, evaluation: dict, summary: dict) -> dict:
+    o = params.orchestration
+    task_fn = register.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s)
+    nested = None
+    if steps.tracker:
+        nested = steps.tracker.client.create_run(steps.tracker.experiment_id, run_name="register", tags={
+            "mlflow.parentRunId": steps.tracker.run_id, "diffprune.stage": "register"}).info.run_id
+    state = task_fn(params=stage_params(params, "register"), model=tuned, evaluation=evaluation, summary=summary,
+                    run=steps.run, extra={"tracking_uri": steps.tracker.uri}, mlflow_run_id=nested,
+                    return_state=True)
+    ref = state.result()
+    cached = state.name == "Cached"
+    outcome = manifest_of(ref)["summary"]
+    steps.hits["register"], steps.keys["register"] = cached, ref["key"]
+    get_run_logger().info("register: %s (key %s)", "cache hit" if cached else "computed", ref["key"])
+    if nested:
+        client = steps.tracker.client
+        client.set_tag(nested, "diffprune.cache", "hit" if cached else "miss")
+        client.set_tag(nested, "diffprune.registered_version", f"{outcome['name']}/{outcome['version']}")
+        client.log_dict(nested, outcome, "register.json")
+        client.set_terminated(nested)
+    return outcome
+
+
+def _links(steps: Steps, registered: dict | None) -> dict[str, str]:
+    links = {}
+    if steps.tracker:
+        links["MLflow run"] = (f"experiment {steps.tracker.experiment_id}, run {steps.tracker.run_id} "
+                               f"(`mlflow ui --backend-store-uri {steps.tracker.uri}`)")
+    if registered:
+        gate = "passed" if registered["gate"]["passed"] else "refused: " + "; ".join(
+            r for r in registered["gate"]["reasons"] if "fail" in r.lower()) or "refused"
+        links["Registry"] = (f"`{registered['model_uri']}` aliases {', '.join(registered['aliases'])} "
+                             f"(gate {gate})")
+    return links

@@ -1,0 +1,108 @@
+"""What every flow does around a task call: options from params, cache-hit logging, MLflow runs, reports."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import deployment, flow_run
+
+from diffprune.atomic import atomic_file
+from diffprune.config import Params
+from diffprune.report import headline
+from tasks import store
+from tasks.stages import GROUP
+from tasks.tracking import Tracker, code_tags
+
+CHAIN = ("teacher", "score", "prune", "finetune", "evaluate")
+
+
+def run_settings(params: Params) -> dict:
+    """The JSON-able settings every stage task receives (never part of a cache key)."""
+    o = params.orchestration
+    return {"store": str(Path(o.store).resolve()), "executor": o.executor, "timeouts_min": dict(o.timeouts_min)}
+
+
+def stage_params(params: Params, stage: str) -> dict:
+    return getattr(params, GROUP.get(stage, stage)).model_dump(mode="json")
+
+
+def prefect_tags() -> dict[str, str]:
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    if deployment.name:
+        tags["prefect.deployment"] = str(deployment.name)
+    return tags
+
+
+class Steps:
+    """Runs stage tasks with the configured retries, logs hits and misses, mirrors each stage to MLflow."""
+
+    def __init__(self, params: Params, run_name: str):
+        self.params = params
+        self.run = run_settings(params)
+        self.hits: dict[str, bool] = {}
+        self.keys: dict[str, str] = {}
+        self.tracker = None
+        if params.tracking.enabled:
+            self.tracker = Tracker(params.tracking, run_name, {**code_tags(), **prefect_tags()})
+
+    def call(self, task_fn, stage: str, params: dict | None = None, **refs) -> dict:
+        o = self.params.orchestration
+        configured = task_fn.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s)
+        state = configured(params=params or stage_params(self.params, stage), **refs, run=self.run,
+                           return_state=True)
+        ref = state.result()
+        self.note(stage, ref, state.name == "Cached")
+        return ref
+
+    def note(self, stage: str, ref: dict, cached: bool, label: str | None = None) -> dict:
+        """Log the outcome and mirror the stage to a nested MLflow run; returns its manifest."""
+        label = label or stage
+        manifest = store.manifest_of(ref)
+        self.hits[label], self.keys[label] = cached, ref["key"]
+        get_run_logger().info("%s: %s (key %s, %s)", label, "cache hit" if cached else "computed", ref["key"],
+                              ref["path"])
+        if self.tracker:
+            folder = Path(ref["path"])
+            self.tracker.log_stage(stage, manifest["params"], manifest["summary"], folder / "metrics",
+                                   folder / "output", {"diffprune.cache_key": ref["key"],
+                                                       "diffprune.cache": "hit" if cached else "miss",
+                                                       "diffprune.code_version": manifest.get("code", ""),
+                                                       "diffprune.label": label, **prefect_tags()})
+        return manifest
+
+    def finish(self, ok: bool, metrics: dict | None = None, report: str | None = None) -> None:
+        if not self.tracker:
+            return
+        self.tracker.set_tags({f"diffprune.key.{label}": key for label, key in self.keys.items()})
+        self.tracker.set_tags({"diffprune.cache_hits": f"{sum(self.hits.values())}/{len(self.hits)}"})
+        if metrics:
+            self.tracker.log_metrics(metrics)
+        if report:
+            self.tracker.log_text(report, "report.md")
+        self.tracker.finish(ok)
+
+
+def summary_of(refs: dict[str, dict]) -> dict:
+    """The headline numbers of one chain (teacher … evaluate references)."""
+    s = {stage: store.manifest_of(refs[stage])["summary"] for stage in CHAIN}
+    return headline(s["teacher"], s["score"], s["prune"], s["finetune"], s["evaluate"])
+
+
+def publish_report(markdown: str, grids: list[Path], key: str, out_file: Path) -> Path:
+    """The report as a Prefect markdown artifact, the grids as an image artifact, and a file on disk."""
+    create_markdown_artifact(markdown=markdown, key=key, description="teacher vs pruned model")
+    images = [f"### {g.stem.replace('_', ' ')}\n\n![{g.stem}](data:image/png;base64,"
+              f"{base64.b64encode(g.read_bytes()).decode()})" for g in grids if g.is_file()]
+    if images:
+        create_markdown_artifact(markdown="\n\n".join(images), key=f"{key}-samples",
+                                 description="sample grids (same noise for teacher and pruned model)")
+    with atomic_file(out_file) as fh:
+        fh.write(markdown)
+    return out_file
+
+
+def publish_table(rows: list[dict], key: str, description: str) -> None:
+    create_table_artifact(table=rows, key=key, description=description)

@@ -1,0 +1,92 @@
+"""Run one stage the way the CLI does, in a child process whose time limit is really enforced.
+
+Prefect's ``timeout_seconds`` cannot interrupt blocking torch work in a worker thread, so a stage
+runs as ``python -m diffprune <stage> ...``: on time-out its whole process group is terminated.
+``inline`` runs the same CLI code in this process (no start-up cost; no enforced limit).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from diffprune import cli
+from diffprune.errors import DiffpruneError
+
+
+class StageInputError(DiffpruneError):
+    """The stage refused its input (exit status 2): retrying cannot help."""
+
+
+class StageTimeout(DiffpruneError):
+    """The stage ran past its limit and was stopped."""
+
+    exit_code = 1
+
+
+class StageCrashed(DiffpruneError):
+    """The stage died another way (killed, out of memory, a bug): possibly transient."""
+
+    exit_code = 1
+
+
+def run_cli(argv: list[str], executor: str, timeout_s: float | None) -> None:
+    """Run ``diffprune <argv>``; raise one of the errors above on failure."""
+    if executor == "inline":
+        try:
+            cli.run(argv)
+        except DiffpruneError as exc:
+            raise StageInputError(f"diffprune {argv[0]}: {exc}") from None
+        return
+    _run_child([sys.executable, "-m", "diffprune", *argv], timeout_s, argv[0])
+
+
+def _run_child(cmd: list[str], timeout_s: float | None, stage: str) -> None:
+    # stderr carries the progress bars: pass it through live and keep its tail for the error message.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    pump = threading.Thread(target=_pump, args=(proc.stderr, tail), daemon=True)
+    pump.start()
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        raise StageTimeout(f"diffprune {stage}: stopped after the {timeout_s:.0f} s limit "
+                           f"(orchestration.timeouts_min.{stage})") from None
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        pump.join(timeout=5)
+    if rc == 0:
+        return
+    last = next((line for line in reversed(tail) if line.strip()), "(no output)")
+    if rc == 2:
+        raise StageInputError(last.strip())
+    raise StageCrashed(f"diffprune {stage}: exit status {rc}: {last.strip()}")
+
+
+def _pump(stream, tail: collections.deque[str]) -> None:
+    for raw in iter(stream.readline, b""):
+        text = raw.decode(errors="replace")
+        sys.stderr.write(text)
+        tail.append(text.split("\r")[-1])
+    stream.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the stage's process group (its data-loader or accelerate children too), then SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue

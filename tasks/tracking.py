@@ -1,0 +1,167 @@
+"""MLflow tracking of a pipeline run: one parent run, one nested run per stage.
+
+Runs are created and closed through an explicit ``MlflowClient`` with run ids, never the fluent
+"active run", because MLflow's active run is per thread and Prefect tasks run on other threads.
+Both front ends use this: the Prefect flow (stage outputs in the store) and ``diffprune register``
+after ``dvc repro`` (stage outputs at the fixed paths).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from diffprune.config import TrackingParams
+
+PLOTTED = {"score": ("loss_over_t", "t"), "teacher": ("loss", "step"), "finetune": ("loss", "step")}
+
+
+def resolve_uri(params: TrackingParams) -> str:
+    """``MLFLOW_TRACKING_URI`` wins; a relative ``sqlite:///`` path is made absolute (runs start anywhere)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def code_tags(root: str | Path = ".") -> dict[str, str]:
+    """The git commit (with a dirty flag) and the ``dvc.lock`` digest the run was made from."""
+    tags = {}
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            tags["mlflow.source.git.commit"] = sha.stdout.strip()
+            tags["diffprune.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    lock = Path(root) / "dvc.lock"
+    if lock.is_file():
+        tags["diffprune.dvc_lock"] = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
+    return tags
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
+
+
+class Tracker:
+    """One MLflow parent run and its nested stage runs."""
+
+    def __init__(self, params: TrackingParams, run_name: str, tags: dict[str, str]):
+        self.uri = resolve_uri(params)
+        mlflow.set_tracking_uri(self.uri)  # the registry and pyfunc logging use the fluent API
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(params.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            params.experiment, artifact_location=Path(params.artifact_root).resolve().as_uri())
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def log_stage(self, stage: str, params: dict, summary: dict, metrics_dir: Path, output_dir: Path | None,
+                  tags: dict[str, str]) -> str:
+        """A nested run with the stage's params, scalar results, per-step curves, plots and files."""
+        run_id = self.client.create_run(self.experiment_id, run_name=stage, tags={
+            "mlflow.parentRunId": self.run_id, "diffprune.stage": stage, **tags}).info.run_id
+        flat = _flatten(params)
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+        self.log_metrics({k: v for k, v in _flatten(summary).items() if k != "widths"}, run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in sorted(Path(metrics_dir).glob(f"{stage}*")):
+                self.client.log_artifact(run_id, str(file), "metrics")
+            curve = self._log_curve(stage, run_id, metrics_dir, output_dir)
+            if curve:
+                self.client.log_artifact(run_id, str(_plot(curve, stage, Path(tmp))), "plots")
+            if stage == "prune" and summary.get("widths"):
+                self.client.log_artifact(run_id, str(_widths_plot(summary["widths"], Path(tmp))), "plots")
+        if stage == "evaluate" and output_dir is not None:
+            for grid in sorted(Path(output_dir).glob("grid_*.png")):
+                self.client.log_artifact(run_id, str(grid), "samples")
+        self.client.set_terminated(run_id)
+        return run_id
+
+    def _log_curve(self, stage: str, run_id: str, metrics_dir: Path, output_dir: Path | None) -> list | None:
+        if stage not in PLOTTED:
+            return None
+        name, x = PLOTTED[stage]
+        source = (Path(output_dir) / "loss_over_t.csv") if stage == "score" and output_dir else (
+            Path(metrics_dir) / f"{stage}_loss.csv")
+        if not source.is_file():
+            return None
+        with open(source) as fh:
+            rows = [(int(r[x]), float(r["loss"])) for r in csv.DictReader(fh)]
+        for i in range(0, len(rows), 1000):
+            self.client.log_batch(run_id, metrics=[Metric(name, v, 0, s) for s, v in rows[i:i + 1000]])
+        return rows
+
+    def log_metrics(self, values: dict, run_id: str | None = None) -> None:
+        metrics = [Metric(k, float(v), 0, 0) for k, v in values.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id or self.run_id, metrics=metrics[i:i + 1000])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def finish(self, ok: bool) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _plot(rows: list, stage: str, folder: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1)
+    ax.set_xlabel("timestep t" if stage == "score" else "step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss over t (importance scoring)" if stage == "score" else f"{stage} training loss")
+    fig.tight_layout()
+    out = folder / ("loss_over_t.png" if stage == "score" else f"{stage}_loss.png")
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _widths_plot(widths: dict, folder: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(widths)
+    kept = [widths[n] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 0.18 * len(names) + 1.2), dpi=120)
+    ax.barh(range(len(names)), kept)
+    ax.set_yticks(range(len(names)), [n[-40:] for n in names], fontsize=5)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels kept")
+    ax.set_title("pruned widths per layer")
+    fig.tight_layout()
+    out = folder / "pruned_widths.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+

@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test lint venv clean
+.PHONY: run repro test lint venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,20 +23,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
+# The main job: the Prefect pipeline flow (temporary local server, nothing to start by hand).
 run: $(VENV)/.installed
-	$(BIN)/diffprune prepare
-	$(BIN)/diffprune teacher
-	$(BIN)/diffprune score
-	$(BIN)/diffprune prune
-	$(BIN)/diffprune finetune
-	$(BIN)/diffprune evaluate
+	$(BIN)/diffprune run
+
+# The same stages through DVC (one `diffprune <stage>` per dvc.yaml stage).
+repro: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check diffprune tests
+	$(BIN)/ruff check diffprune tasks flows tests
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check diffprune tests
+	$(BIN)/ruff check diffprune tasks flows tests
 
 clean:
-	rm -rf data models checkpoints metrics samples artifacts
+	rm -rf data models checkpoints metrics samples scores artifacts mlartifacts mlflow.db mlflow.db.lock

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import inspect
 import json
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -19,16 +18,8 @@ from diffprune.atomic import sha256_file
 
 PACKAGE = Path(__file__).parent
 
-# The modules each stage calls directly; their diffprune imports are followed to a closure.
-STAGE_MODULES = {
-    "prepare": ("data",),
-    "teacher": ("models", "training"),
-    "score": ("importance", "scores"),
-    "prune": ("pruning", "persist"),
-    "finetune": ("training",),
-    "evaluate": ("evaluation", "metrics", "sampling", "features"),
-    "register": ("promotion", "report"),
-}
+# Stages without an entry function in ``stages.py``: the modules they call directly.
+STAGE_MODULES = {"register": ("promotion", "report")}
 # Orchestration-edge code a stage also runs (registration talks to MLflow, so it lives in tasks/).
 EDGE_FILES = {"register": ("tasks/registry.py", "tasks/mlflow_model.py")}
 # Libraries whose version can change a stage's numbers.
@@ -68,9 +59,38 @@ def _imports(module: str) -> set[str]:
 
 
 @cache
+def _entry(stage: str) -> tuple[frozenset[str], str]:
+    """Modules whose names the stage's function in ``stages.py`` (and the private helpers it calls) uses,
+    and the source of those functions (not all of ``stages.py``: editing one stage keeps the others' keys)."""
+    source = (PACKAGE / "stages.py").read_text()
+    tree = ast.parse(source)
+    imported = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffprune"):
+            for alias in node.names:
+                imported[alias.asname or alias.name] = node.module.split(".")[1] if "." in node.module else alias.name
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    todo, seen_fns, modules = [stage], set(), set()
+    while todo:
+        name = todo.pop()
+        if name in seen_fns or name not in functions:
+            continue
+        seen_fns.add(name)
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.Name):
+                if node.id in imported:
+                    modules.add(imported[node.id])
+                elif node.id.startswith("_"):
+                    todo.append(node.id)
+    body = "\n".join(ast.get_source_segment(source, functions[f]) or "" for f in sorted(seen_fns))
+    return frozenset(modules), body
+
+
+@cache
 def code_files(stage: str) -> tuple[str, ...]:
-    """The package files (relative to the project) whose code the stage runs: its modules' import closure."""
-    todo, seen = list(STAGE_MODULES[stage]), set()
+    """The package files (relative to the project) whose code the stage runs: the import closure of the
+    modules its entry function uses."""
+    todo, seen = list(STAGE_MODULES.get(stage) or _entry(stage)[0]), set()
     while todo:
         module = todo.pop()
         if module not in seen:
@@ -81,16 +101,11 @@ def code_files(stage: str) -> tuple[str, ...]:
 
 @cache
 def code_version(stage: str) -> str:
-    """Hash of the stage's code closure, its entry function in ``stages.py`` and the library versions."""
-    from diffprune import stages
-
-    h = hashlib.sha256()
+    """Hash of the stage's entry function, its code files and the library versions."""
+    h = hashlib.sha256(_entry(stage)[1].encode() if stage not in STAGE_MODULES else b"")
     for rel in code_files(stage):
         file = PACKAGE.parent / rel
         h.update(rel.encode() + b"\0" + (file.read_bytes() if file.is_file() else b"missing"))
-    entry = getattr(stages, stage, None)
-    if entry is not None:
-        h.update(inspect.getsource(entry).encode())
     h.update(json.dumps(library_versions(), sort_keys=True).encode())
     return h.hexdigest()[:16]
 

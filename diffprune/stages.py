@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffprune import paths
-from diffprune.atomic import atomic_dir, write_json
+from diffprune.atomic import atomic_dir, atomic_file, write_json
 from diffprune.config import DataParams, EvaluateParams, FinetuneParams, PruneParams, ScoreParams, TeacherParams
 from diffprune.data import load_prepared, prepare_dataset
 from diffprune.errors import DiffpruneError
@@ -127,7 +127,17 @@ def evaluate(
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["teacher"]["path"], result["pruned"]["path"] = str(teacher_dir), str(student_dir)
     write_json(Path(metrics_dir) / "evaluate.json", result)
+    _write_fid_vs_macs(result, Path(metrics_dir) / "evaluate_fid_vs_macs.csv")
     return result
+
+
+def _write_fid_vs_macs(result: dict, path: Path) -> None:
+    """The points of the FID-vs-MACs plot (``dvc plots``); one row per model."""
+    with atomic_file(path) as fh:
+        fh.write("model,macs_m,fid,fid_std\n")
+        for name in ("teacher", "pruned"):
+            r = result[name]
+            fh.write(f"{name},{r['macs'] / 1e6:.4f},{r['fid']:.6f},{r['fid_std']:.6f}\n")
 
 
 def score(

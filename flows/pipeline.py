@@ -57,8 +57,7 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
 
 
 def _register(steps: Steps, params, tuned: dict, evaluation: dict, summary: dict) -> dict:
-    o = params.orchestration
-    task_fn = register.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s)
+    task_fn = register  # no retries: a retry after a half-done registration would add a second version
     nested = None
     if steps.tracker:
         nested = steps.tracker.client.create_run(steps.tracker.experiment_id, run_name="register", tags={

@@ -18,6 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffprune.models import load_model
+from diffprune.sampling import sample
+
 COLUMNS = ("num_images", "seed", "steps", "sampler")
 SAMPLERS = ("ddim", "ddpm")
 DEFAULT_STEPS = 50
@@ -89,9 +92,6 @@ class DiffpruneGenerator(mlflow.pyfunc.PythonModel):
     """Generates images with a saved (possibly pruned) diffprune model."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        # Imported here so that MLflow executing this file at log time does not need the model stack.
-        from diffprune.models import load_model
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.unet, self.scheduler = load_model(context.artifacts["model"], self.device)
         config = context.model_config or {}
@@ -100,8 +100,6 @@ class DiffpruneGenerator(mlflow.pyfunc.PythonModel):
     # MLflow 3 reads this hint: pd.DataFrame is one it leaves alone (the logged signature is the schema),
     # where Any, a union or no hint at all give warnings. Called directly, dicts and lists of dicts work too.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        from diffprune.sampling import sample
-
         images = [
             sample(self.unet, self.scheduler, r["num_images"], r["seed"], sampler=r["sampler"], steps=r["steps"],
                    eta=0.0, device=self.device, desc="predict", progress=False)

@@ -17,7 +17,7 @@ from tasks.stages import StageCachePolicy, cache_key
 
 
 @task(name="register", cache_policy=StageCachePolicy(stage="register"), persist_result=True,
-      result_serializer="json", retries=2, retry_delay_seconds=5)
+      result_serializer="json")
 def register(params: dict, model: dict, evaluation: dict, summary: dict, run: dict, extra: dict,
              mlflow_run_id: str | None = None) -> dict:
     """Log the fine-tuned model as a pickle-free pyfunc, register it, and promote it if the gate passes."""

@@ -74,7 +74,8 @@ def _run(run_id: str | None) -> Iterator[None]:
     """Log into ``run_id`` (resumed) or the caller's active run; with neither, log no run at all.
 
     MLflow 3 logs models as LoggedModels of the active experiment, so a run is not needed; starting
-    one only to hold the model would leave an empty run behind.
+    one only to hold the model would leave an empty run behind. A resumed run is ended on the way
+    out (FINISHED, or FAILED on error), as ``mlflow.start_run``'s context always does.
     """
     active = mlflow.active_run()
     if run_id is None or (active is not None and active.info.run_id == run_id):
@@ -93,7 +94,7 @@ def _champion(client: MlflowClient, name: str) -> tuple[str | None, dict | None]
 
 
 def _description(summary: dict) -> str:
-    parts = [f"diffprune model pruned with {summary.get('criterion', 'an unrecorded criterion')}"]
+    parts = [f"diffprune model pruned with {summary.get('criterion') or 'an unrecorded criterion'}"]
     if summary.get("teacher"):
         parts.append(f"from teacher {summary['teacher']}")
     tags = version_tags(summary)

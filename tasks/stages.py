@@ -56,7 +56,7 @@ def external_inputs(stage: str, params: dict) -> dict[str, str]:
 
 
 def cache_key(stage: str, params: dict, refs: dict[str, dict], extra: dict | None = None) -> str:
-    inputs = {name: store.manifest_of(ref)["digest"] for name, ref in refs.items()}
+    inputs = {name: store.manifest_of(ref)["output_digest"] for name, ref in refs.items()}
     inputs.update(external_inputs(stage, params))
     keyed = {k: v for k, v in params.items() if k not in NOT_IN_KEY.get(stage, ())}
     return stage_key(stage, {**keyed, **(extra or {})}, inputs, code_version(stage))

@@ -8,11 +8,14 @@ after ``dvc repro`` (stage outputs at the fixed paths).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -61,16 +64,34 @@ def _flatten(obj, prefix: str = "") -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Concurrent first runs would each create and migrate the same new SQLite database, and fail."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    lock = Path(uri[len(prefix):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class Tracker:
     """One MLflow parent run and its nested stage runs."""
 
     def __init__(self, params: TrackingParams, run_name: str, tags: dict[str, str]):
         self.uri = resolve_uri(params)
         mlflow.set_tracking_uri(self.uri)  # the registry and pyfunc logging use the fluent API
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(params.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            params.experiment, artifact_location=Path(params.artifact_root).resolve().as_uri())
+        with _schema_lock(self.uri):
+            self.client = MlflowClient(self.uri)
+            exp = self.client.get_experiment_by_name(params.experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                params.experiment, artifact_location=Path(params.artifact_root).resolve().as_uri())
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def log_stage(self, stage: str, params: dict, summary: dict, metrics_dir: Path, output_dir: Path | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,12 @@ import torch
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prefect reads its settings at import: keep the suite's server database and cache records out of ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="diffprune-tests-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from diffprune.data import load_prepared, prepare_dataset
 from diffprune.models import build_unet, make_scheduler, save_model
@@ -58,3 +65,18 @@ def trained_tiny(digits, tmp_path_factory):
     result = train(unet, make_scheduler(100), digits.train, tiny_train(steps=150, batch_size=16, checkpoint_every=150,
                                                                       ema_decay=0.0), tmp_path_factory.mktemp("ck"))
     return result.model
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test server for the session, exported so that child processes (the CLI, Dask workers,
+    a served deployment) use it too instead of starting temporary servers of their own."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        try:
+            yield PREFECT_API_URL.value()
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)

@@ -23,6 +23,7 @@ TINY_PARAMS = {
     "data": {"resolution": 8, "max_images": 240},
     "teacher": {
         "source": "scratch",
+        "num_train_timesteps": 100,   # a short schedule keeps diff-pruning's timestep loop short
         "architecture": {"block_out_channels": [16, 32], "attention_levels": [1], "norm_num_groups": 4},
         "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 4},
     },
@@ -32,3 +33,16 @@ TINY_PARAMS = {
     "evaluate": {"steps": 3, "seeds": [0, 1], "n_samples": 16, "batch_size": 16, "extractor": {"epochs": 2},
                  "latency_batch": 2, "latency_steps": 2, "latency_repeats": 1, "grid_images": 8},
 }
+
+
+def flow_params(root, **groups) -> dict:
+    """TINY_PARAMS for the Prefect flows: stages in-process, store and MLflow under ``root``, a lenient gate."""
+    root = str(root)
+    params = {**TINY_PARAMS,
+              "orchestration": {"store": f"{root}/artifacts/store", "executor": "inline", "retries": 0},
+              "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "artifact_root": f"{root}/mlartifacts"},
+              "register": {"max_fid_ratio": 100.0, "max_macs_ratio": 1.0, "predict_steps": 2},
+              "schedule": {"params": f"{root}/params.yaml"}}
+    for group, values in groups.items():
+        params[group] = {**params.get(group, {}), **values}
+    return params

@@ -1,0 +1,147 @@
+"""The sweep flow: importance criteria × MACs targets × seeds, sharing one prepared dataset and teacher.
+
+Branches fan out as independent task futures; a score is computed once per criterion and reused by
+every target (same cache key). The task runner is local threads by default, or a Dask cluster
+(``orchestration.task_runner: dask``). It ends with one paper-style comparison table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from diffprune.atomic import atomic_file, write_json
+from diffprune.config import Params, load_params
+from diffprune.report import comparison
+from flows.steps import Steps, publish_table, stage_params, summary_of
+from tasks import stages
+
+
+def branches(params: Params) -> list[dict]:
+    """Every (criterion, thr, target, seed) combination; thresholds apply to diff-pruning only."""
+    out = []
+    for criterion in params.sweep.criteria:
+        for thr in params.sweep.thresholds if criterion == "diff-pruning" else (params.score.thr,):
+            for target in params.sweep.target_macs:
+                for seed in params.sweep.seeds:
+                    label = criterion + (f"-thr{thr:g}" if criterion == "diff-pruning" else "")
+                    out.append({"criterion": criterion, "thr": thr, "target_macs": target, "seed": seed,
+                                "label": f"{label}-macs{target:g}-seed{seed}"})
+    return out
+
+
+@flow(name="diffprune-sweep", log_prints=True)
+def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    params = load_params(params_file, overrides or [])
+    run_name = str(flow_run.name or "sweep")
+    steps = Steps(params, run_name)
+    try:
+        data = steps.call(stages.prepare, "prepare")
+        teacher = steps.call(stages.teacher, "teacher", data=data)
+        run, scores, chains = steps.run, {}, []
+        for b in branches(params):
+            score_params = {**stage_params(params, "score"), "criterion": b["criterion"], "thr": b["thr"]}
+            sig = (b["criterion"], b["thr"])
+            if sig not in scores:  # one scoring pass per criterion, shared by every target and seed
+                scores[sig] = stages.score.submit(params=score_params, data=data, teacher=teacher, run=run)
+            prune_params = {**stage_params(params, "prune"), "pruning_ratio": None, "target_macs": b["target_macs"],
+                            "seed": b["seed"]}
+            pruned = stages.prune.submit(params=prune_params, teacher=teacher, scores=scores[sig], run=run)
+            tuned = stages.finetune.submit(params={**stage_params(params, "finetune"), "seed": b["seed"]},
+                                           data=data, student=pruned, teacher=teacher, run=run)
+            evaluation = stages.evaluate.submit(params=stage_params(params, "evaluate"), data=data, teacher=teacher,
+                                                student=tuned, run=run)
+            chains.append((b, {"score": scores[sig], "prune": pruned, "finetune": tuned, "evaluate": evaluation}))
+        wait([f for _, chain in chains for f in chain.values()])
+        rows = [_row(steps, b, chain, teacher) for b, chain in chains]
+        table = _publish(rows, params, run_name)
+        steps.finish(all(r.get("fid") is not None for r in rows), report=table["markdown"])
+    except BaseException:
+        steps.finish(False)
+        raise
+    return {"rows": rows, "table": table["markdown"], "table_file": table["file"], "cache_hits": dict(steps.hits)}
+
+
+def _row(steps: Steps, branch: dict, chain: dict, teacher: dict) -> dict:
+    """One branch's headline numbers, or its failure (other branches still report)."""
+    refs = {"teacher": teacher}
+    for stage, future in chain.items():
+        state = future.state
+        if not state.is_completed():
+            get_run_logger().error("%s: %s failed: %s", branch["label"], stage, state.message)
+            return {**branch, "failed_stage": stage, "error": str(state.message)}
+        refs[stage] = future.result()
+        steps.note(stage, refs[stage], state.name == "Cached", label=f"{branch['label']}/{stage}")
+    return {**summary_of(refs), **branch}
+
+
+def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
+    done = [r for r in rows if "error" not in r]
+    teacher_row = ({"criterion": "teacher", "thr": None, "target_macs": 1.0, "params": done[0]["teacher_params"],
+                    "macs": done[0]["teacher_macs"], "fid": done[0]["teacher_fid"],
+                    "fid_std": done[0]["teacher_fid_std"], "ssim": 1.0, "finetune_steps": None} if done else None)
+    markdown = "# diffprune sweep\n\n" + comparison(([teacher_row] if teacher_row else []) + done)
+    for r in rows:
+        if "error" in r:
+            markdown += f"\n- {r['label']}: failed in {r['failed_stage']}: {r['error']}"
+    out = Path(params.orchestration.store).parent / "reports"
+    write_json(out / f"sweep-{run_name}.json", rows)
+    with atomic_file(out / f"sweep-{run_name}.csv") as fh:
+        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_file(out / f"sweep-{run_name}.md") as fh:
+        fh.write(markdown)
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=markdown, key="diffprune-sweep", description="criteria × targets comparison")
+    publish_table([{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in rows],
+                  "diffprune-sweep-table", "one row per branch")
+    return {"markdown": markdown, "file": str(out / f"sweep-{run_name}.md")}
+
+
+def task_runner(params: Params):
+    o = params.orchestration
+    if o.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_kwargs={"n_workers": o.max_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": ":0"})
+    # Inline stages share this process (torch threads, accelerate's global state): one at a time.
+    return ThreadPoolTaskRunner(max_workers=o.max_workers if o.executor == "subprocess" else 1)
+
+
+def sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Run the sweep flow with the configured task runner (what ``diffprune sweep`` calls)."""
+    params = load_params(params_file, overrides or [])
+    configured = sweep_flow.with_options(task_runner=task_runner(params))
+    with _shared_api() if params.orchestration.task_runner == "dask" else contextlib.nullcontext():
+        return configured(params_file=params_file, overrides=overrides or [])
+
+
+@contextlib.contextmanager
+def _shared_api():
+    """Dask workers are separate processes: without an API URL each would start its own temporary
+    Prefect server (over a minute per run). Start one here and point every process at it."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()

@@ -1,0 +1,78 @@
+"""``diffprune register``: the last ``dvc repro`` stage — track the workspace's run in MLflow, register the model.
+
+One parent run per ``dvc repro`` that reached this stage, one nested run per stage with its params,
+metrics, curves and files, tagged with the git commit and the stage's output hashes from ``dvc.lock``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from diffprune import paths
+from diffprune.atomic import atomic_file, write_json
+from diffprune.config import Params
+from diffprune.errors import DiffpruneError
+from diffprune.report import headline, render
+from tasks.tracking import Tracker, code_tags
+
+STAGE_GROUPS = {"prepare": "data", "teacher": "teacher", "score": "score", "prune": "prune",
+                "finetune": "finetune", "evaluate": "evaluate"}
+OUTPUTS = {"prepare": paths.DATA, "teacher": paths.TEACHER, "score": paths.SCORES, "prune": paths.PRUNED,
+           "finetune": paths.FINETUNED, "evaluate": paths.SAMPLES}
+
+
+def _summary(stage: str) -> dict:
+    source = Path(paths.DATA) / "manifest.json" if stage == "prepare" else Path(paths.METRICS) / f"{stage}.json"
+    try:
+        data = json.loads(source.read_text())
+    except (OSError, ValueError):
+        raise DiffpruneError(f"{source}: missing or unreadable; run `dvc repro` (or the stage) first") from None
+    return {k: v for k, v in data.items() if k != "files"}
+
+
+def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """``stage -> "path:md5 …"`` of each stage's outputs as ``dvc.lock`` recorded them."""
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {name: " ".join(f"{o['path']}:{o.get('md5', '?')}" for o in entry.get("outs", []))
+            for name, entry in stages.items()}
+
+
+def register_workspace(params: Params) -> dict:
+    """Mirror the workspace's stage outputs into MLflow; register and gate ``models/finetuned``."""
+    from tasks.registry import register
+
+    summaries = {stage: _summary(stage) for stage in STAGE_GROUPS}
+    hashes = dvc_hashes()
+    tracker = Tracker(params.tracking, "dvc-repro", {**code_tags(), "diffprune.front_end": "dvc"})
+    ok = False
+    try:
+        for stage, group in STAGE_GROUPS.items():
+            tracker.log_stage(stage, getattr(params, group).model_dump(mode="json"), summaries[stage],
+                              Path(paths.METRICS), Path(OUTPUTS[stage]),
+                              {"diffprune.dvc_outs": hashes.get(stage, "")[:5000]})
+        summary = headline(*(summaries[s] for s in ("teacher", "score", "prune", "finetune", "evaluate")))
+        outcome = None
+        if params.registration.enabled:
+            nested = tracker.client.create_run(tracker.experiment_id, run_name="register", tags={
+                "mlflow.parentRunId": tracker.run_id, "diffprune.stage": "register"}).info.run_id
+            outcome = register(paths.FINETUNED, summary, params.registration, nested)
+            tracker.client.log_dict(nested, outcome, "register.json")
+            tracker.client.set_terminated(nested)
+        report = render(summary, title="diffprune dvc repro", links={
+            "MLflow run": f"experiment {tracker.experiment_id}, run {tracker.run_id}",
+            **({"Registry": f"`{outcome['model_uri']}` aliases {', '.join(outcome['aliases'])}"} if outcome else {})})
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        tracker.log_text(report, "report.md")
+        with atomic_file(Path(paths.METRICS) / "report.md") as fh:
+            fh.write(report)
+        result = {"mlflow_run_id": tracker.run_id, "registered": outcome}
+        write_json(Path(paths.METRICS) / "register.json", result)
+        ok = True
+        return result
+    finally:
+        tracker.finish(ok)

@@ -1,0 +1,130 @@
+"""The Prefect flows end to end on tiny models: caching across runs, partial re-runs, damaged outputs,
+MLflow runs and the registry, concurrent runs, and the sweep on a local Dask cluster."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tiny import flow_params
+
+STAGES = ["prepare", "teacher", "score", "prune", "finetune", "evaluate", "register"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, prefect_api):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def _write(project: Path, **groups) -> str:
+    (project / "params.yaml").write_text(yaml.safe_dump(flow_params(project, **groups)))
+    return str(project / "params.yaml")
+
+
+def _run(params_file: str, overrides=()) -> dict:
+    from flows.pipeline import pipeline
+
+    return pipeline(params_file=params_file, overrides=list(overrides))
+
+
+def test_pipeline_runs_end_to_end_then_every_stage_is_a_cache_hit(project):
+    params_file = _write(project)
+    first = _run(params_file)
+    assert first["cache_hits"] == dict.fromkeys(STAGES, False)
+    assert Path(first["report"]).is_file() and "| pruned |" in Path(first["report"]).read_text()
+    assert first["registered"]["version"] == "1" and {"candidate", "champion"} <= set(first["registered"]["aliases"])
+
+    second = _run(params_file)
+    assert second["cache_hits"] == dict.fromkeys(STAGES, True)
+    assert second["keys"] == first["keys"] and second["summary"] == first["summary"]
+
+    client = MlflowClient(first["tracking_uri"])
+    versions = client.search_model_versions("name='diffprune-digits'")
+    assert len(versions) == 1, "a fully cached run must not register a duplicate version"
+    parent = client.get_run(second["mlflow_run_id"])
+    assert parent.data.tags["diffprune.cache_hits"] == "7/7"
+    assert parent.data.tags["prefect.flow_run_id"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["diffprune.stage"] for c in children} == set(STAGES)
+    finetune = next(c for c in children if c.data.tags["diffprune.stage"] == "finetune")
+    assert finetune.data.tags["diffprune.cache"] == "hit"
+    assert len(client.get_metric_history(finetune.info.run_id, "loss")) == 4  # per-step training loss
+    evaluate = next(c for c in children if c.data.tags["diffprune.stage"] == "evaluate")
+    assert {"pruned.fid", "pruned.ssim", "macs_ratio", "speedup"} <= set(evaluate.data.metrics)
+    assert "samples/grid_pairs.png" in {a.path for a in client.list_artifacts(evaluate.info.run_id, "samples")}
+
+
+def test_changing_one_stage_reruns_it_and_downstream_only(project):
+    params_file = _write(project)
+    _run(params_file)
+    changed = _run(params_file, ["finetune.steps=5"])
+    assert changed["cache_hits"] == {"prepare": True, "teacher": True, "score": True, "prune": True,
+                                     "finetune": False, "evaluate": False, "register": False}
+    assert changed["summary"]["finetune_steps"] == 5
+
+
+def test_a_cache_hit_with_damaged_or_missing_outputs_is_recomputed(project):
+    params_file = _write(project, register={"enabled": False})
+    first = _run(params_file)
+    pruned = project / "artifacts/store/prune" / first["keys"]["prune"]
+    weights = next(pruned.rglob("*.safetensors"))
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated
+    teacher_dir = project / "artifacts/store/teacher" / first["keys"]["teacher"]
+    (teacher_dir / "metrics" / "teacher.json").unlink()
+
+    again = _run(params_file)
+    assert again["cache_hits"]["teacher"] is False and again["cache_hits"]["prune"] is False
+    assert again["keys"] == first["keys"], "recomputed outputs are identical, so downstream keys do not move"
+    assert again["cache_hits"]["finetune"] is True
+    assert weights.stat().st_size == size
+
+
+def test_concurrent_runs_keep_their_own_results(project):
+    """Two runs with different params and two with the same params, at once, each in its own process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    files = []
+    for name, seed in (("a", 0), ("b", 1), ("c", 0)):
+        params = flow_params(project, finetune={"seed": seed}, register={"enabled": False})
+        (project / f"{name}.yaml").write_text(yaml.safe_dump(params))
+        files.append(project / f"{name}.yaml")
+    procs = [subprocess.Popen([sys.executable, "-m", "diffprune", "run", "--params", str(f)], cwd=project, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for f in files]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    finetuned = sorted((project / "artifacts/store/finetune").glob("[0-9a-f]*"))
+    assert len(finetuned) == 2, "seed 0 twice shares one entry; seed 1 has its own"
+    from tasks.store import lookup
+
+    for entry in finetuned:
+        assert lookup(project / "artifacts/store", "finetune", entry.name) is not None
+    reports = [next(line for line in o.splitlines() if line.startswith("report: ")) for o in outs]
+    assert len(set(reports)) == 3
+
+
+@pytest.mark.slow
+def test_sweep_fans_out_on_a_local_dask_cluster_and_shares_scores(project):
+    from flows.sweep import sweep
+
+    params_file = _write(project, register={"enabled": False},
+                         orchestration={"task_runner": "dask", "max_workers": 2},
+                         sweep={"criteria": ["diff-pruning", "magnitude"], "target_macs": [0.7, 0.5], "seeds": [0]})
+    result = sweep(params_file)
+    assert len(result["rows"]) == 4 and all("error" not in r for r in result["rows"])
+    assert {r["criterion"] for r in result["rows"]} == {"diff-pruning", "magnitude"}
+    assert all(r["macs_ratio"] <= r["target_macs"] + 1e-9 for r in result["rows"])
+    assert len(list((project / "artifacts/store/score").glob("[0-9a-f]*"))) == 2, "one score per criterion"
+    table = Path(result["table_file"]).read_text()
+    assert "| teacher |" in table and "magnitude" in table
+    rows = json.loads(Path(result["table_file"]).with_suffix(".json").read_text())
+    assert len(rows) == 4

@@ -71,10 +71,17 @@ def _run_child(cmd: list[str], timeout_s: float | None, stage: str) -> None:
 
 
 def _pump(stream, tail: collections.deque[str]) -> None:
-    for raw in iter(stream.readline, b""):
-        text = raw.decode(errors="replace")
+    # Chunks, not lines: progress bars redraw with "\r" and would otherwise show only when they finish.
+    pending = ""
+    while chunk := os.read(stream.fileno(), 4096):
+        text = chunk.decode(errors="replace")
         sys.stderr.write(text)
-        tail.append(text.split("\r")[-1])
+        sys.stderr.flush()
+        pending += text
+        *done, pending = pending.split("\n")
+        tail.extend(line.split("\r")[-1] for line in done)
+    if pending:
+        tail.append(pending.split("\r")[-1])
     stream.close()
 
 

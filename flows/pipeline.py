@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 
 from diffprune.atomic import atomic_file
-from diffprune.config import load_params
 from diffprune.report import render
 from flows.steps import Steps, publish_report, stage_params, summary_of
 from tasks import stages
@@ -23,12 +21,10 @@ from tasks.store import manifest_of
 @flow(name="diffprune-pipeline", log_prints=True)
 def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """Run (or find cached) every stage of the default chain; returns the headline numbers and where to look."""
-    params = load_params(params_file, overrides or [])
-    run_name = str(flow_run.name or "pipeline")
-    steps = Steps(params, run_name)
+    steps = Steps.open(params_file, overrides, "pipeline")
+    params, run_name = steps.params, steps.run_name
     try:
-        data = steps.call(stages.prepare, "prepare")
-        teacher = steps.call(stages.teacher, "teacher", data=data)
+        data, teacher = steps.shared()
         scores = steps.call(stages.score, "score", data=data, teacher=teacher)
         pruned = steps.call(stages.prune, "prune", teacher=teacher, scores=scores)
         tuned = steps.call(stages.finetune, "finetune", data=data, student=pruned, teacher=teacher)

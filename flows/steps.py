@@ -10,9 +10,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 
 from diffprune.atomic import atomic_file
-from diffprune.config import Params
+from diffprune.config import Params, load_params
 from diffprune.report import headline
-from tasks import store
+from tasks import stages, store
 from tasks.stages import GROUP
 from tasks.tracking import Tracker, code_tags
 
@@ -40,13 +40,23 @@ class Steps:
     """Runs stage tasks with the configured retries, logs hits and misses, mirrors each stage to MLflow."""
 
     def __init__(self, params: Params, run_name: str):
-        self.params = params
+        self.params, self.run_name = params, run_name
         self.run = run_settings(params)
         self.hits: dict[str, bool] = {}
         self.keys: dict[str, str] = {}
         self.tracker = None
         if params.tracking.enabled:
             self.tracker = Tracker(params.tracking, run_name, {**code_tags(), **prefect_tags()})
+
+    @classmethod
+    def open(cls, params_file: str, overrides: list[str] | None, kind: str) -> Steps:
+        """Validated params plus the MLflow parent run, named after the Prefect flow run."""
+        return cls(load_params(params_file, overrides or []), str(flow_run.name or kind))
+
+    def shared(self) -> tuple[dict, dict]:
+        """The prepared data and the teacher: what every chain and every sweep branch starts from."""
+        data = self.call(stages.prepare, "prepare")
+        return data, self.call(stages.teacher, "teacher", data=data)
 
     def call(self, task_fn, stage: str, params: dict | None = None, **refs) -> dict:
         o = self.params.orchestration
@@ -94,14 +104,19 @@ def summary_of(refs: dict[str, dict]) -> dict:
 def publish_report(markdown: str, grids: list[Path], key: str, out_file: Path) -> Path:
     """The report as a Prefect markdown artifact, the grids as an image artifact, and a file on disk."""
     create_markdown_artifact(markdown=markdown, key=key, description="teacher vs pruned model")
-    images = [f"### {g.stem.replace('_', ' ')}\n\n![{g.stem}](data:image/png;base64,"
-              f"{base64.b64encode(g.read_bytes()).decode()})" for g in grids if g.is_file()]
-    if images:
-        create_markdown_artifact(markdown="\n\n".join(images), key=f"{key}-samples",
-                                 description="sample grids (same noise for teacher and pruned model)")
+    publish_grids({g.stem.replace("_", " "): g for g in grids}, f"{key}-samples")
     with atomic_file(out_file) as fh:
         fh.write(markdown)
     return out_file
+
+
+def publish_grids(grids: dict[str, Path], key: str) -> None:
+    """Sample grids inlined as PNG data (the UI shows no local files; image artifacts need public URLs)."""
+    images = [f"### {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+              for title, path in grids.items() if path.is_file()]
+    if images:
+        create_markdown_artifact(markdown="\n\n".join(images), key=key,
+                                 description="sample grids (same noise for teacher and pruned model)")
 
 
 def publish_table(rows: list[dict], key: str, description: str) -> None:

@@ -14,13 +14,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.futures import wait
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from diffprune.atomic import atomic_file, write_json
 from diffprune.config import Params, load_params
 from diffprune.report import comparison
-from flows.steps import Steps, publish_table, stage_params, summary_of
+from flows.steps import Steps, publish_grids, publish_table, stage_params, summary_of
 from tasks import stages
 
 
@@ -39,12 +38,10 @@ def branches(params: Params) -> list[dict]:
 
 @flow(name="diffprune-sweep", log_prints=True)
 def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    params = load_params(params_file, overrides or [])
-    run_name = str(flow_run.name or "sweep")
-    steps = Steps(params, run_name)
+    steps = Steps.open(params_file, overrides, "sweep")
+    params, run_name = steps.params, steps.run_name
     try:
-        data = steps.call(stages.prepare, "prepare")
-        teacher = steps.call(stages.teacher, "teacher", data=data)
+        data, teacher = steps.shared()
         run, scores, chains = steps.run, {}, []
         for b in branches(params):
             score_params = {**stage_params(params, "score"), "criterion": b["criterion"], "thr": b["thr"]}
@@ -79,7 +76,7 @@ def _row(steps: Steps, branch: dict, chain: dict, teacher: dict) -> dict:
             return {**branch, "failed_stage": stage, "error": str(state.message)}
         refs[stage] = future.result()
         steps.note(stage, refs[stage], state.name == "Cached", label=f"{branch['label']}/{stage}")
-    return {**summary_of(refs), **branch}
+    return {**summary_of(refs), **branch, "grid": str(Path(refs["evaluate"]["path"]) / "output" / "grid_pairs.png")}
 
 
 def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
@@ -104,6 +101,8 @@ def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
     create_markdown_artifact(markdown=markdown, key="diffprune-sweep", description="criteria × targets comparison")
     publish_table([{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in rows],
                   "diffprune-sweep-table", "one row per branch")
+    publish_grids({f"{r['label']} (rows: teacher, then pruned, same noise)": Path(r["grid"]) for r in done},
+                  "diffprune-sweep-samples")
     return {"markdown": markdown, "file": str(out / f"sweep-{run_name}.md")}
 
 

@@ -126,3 +126,11 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(project):
     a = load_file(project / "straight/unet/diffusion_pytorch_model.safetensors")
     b = load_file(project / "resumed/unet/diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "serve", "register"])
+def test_orchestration_commands_validate_params_first(project, capsys, command):
+    assert main([command, "--set", "prune.pruning_ratio=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"diffprune {command}: error:") and "prune.pruning_ratio" in err
+    assert len(err.splitlines()) == 1 and not (project / "artifacts").exists()

@@ -164,6 +164,7 @@ def score(
                                           params.thr, params.seed, resolve_device(params.device))
             save_file({k: v.contiguous().cpu() for k, v in result.grads.items()}, tmp / "gradients.safetensors")
             write_loss_over_t(result.timesteps, result.losses, tmp / "loss_over_t.csv")
+            _write_layer_importance(unet, result.grads, tmp / "importance.csv")
             info.update(timesteps_visited=len(result.timesteps), last_timestep=result.timesteps[-1],
                         loss_first=result.losses[0], loss_last=result.losses[-1], loss_max=max(result.losses),
                         seconds=round(result.seconds, 1), seconds_per_timestep=result.seconds / len(result.timesteps))
@@ -172,6 +173,17 @@ def score(
         write_json(tmp / "score.json", info)
     write_json(Path(metrics_dir) / "score.json", info)
     return info
+
+
+def _write_layer_importance(unet, grads: dict, path: Path) -> None:
+    """First-order Taylor importance Σ|w·∂L/∂w| of each layer's weights: where the score mass lies."""
+    weights = dict(unet.named_parameters())
+    with atomic_file(path) as fh:
+        fh.write("layer,importance\n")
+        for name, grad in grads.items():
+            if name.endswith(".weight") and name in weights and grad.dim() > 1:
+                value = (weights[name].detach().cpu() * grad.cpu()).abs().sum().item()
+                fh.write(f"{name.removesuffix('.weight')},{value:.6g}\n")
 
 
 def prune(

@@ -82,7 +82,7 @@ def publish(root: str | Path, stage: str, key: str, build: Callable[[Path], dict
                         "seconds": round(time.perf_counter() - start, 2), "created": time.time(),
                         "digest": dir_digest(scratch, exclude=(MANIFEST,)),
                         # what later stages consume: their keys must not move with wall times in metrics/
-                        "output_digest": dir_digest(scratch / "output")}
+                        "output_digest": dir_digest(scratch / "output") if (scratch / "output").exists() else None}
             write_json(scratch / MANIFEST, manifest)
             if folder.exists():  # damaged leftovers: set aside, then drop
                 aside = folder.with_name(f".{key}.damaged-{os.getpid()}")

@@ -109,7 +109,14 @@ class Tracker:
             if curve:
                 self.client.log_artifact(run_id, str(_plot(curve, stage, Path(tmp))), "plots")
             if stage == "prune" and summary.get("widths"):
-                self.client.log_artifact(run_id, str(_widths_plot(summary["widths"], Path(tmp))), "plots")
+                self.client.log_artifact(run_id, str(_bars(summary["widths"], "output channels kept",
+                                                           "pruned widths per layer", Path(tmp))), "plots")
+            importance = Path(output_dir or "", "importance.csv")
+            if stage == "score" and output_dir is not None and importance.is_file():
+                with open(importance) as fh:
+                    values = {r["layer"]: float(r["importance"]) for r in csv.DictReader(fh)}
+                self.client.log_artifact(run_id, str(_bars(values, "Σ|w·∂L/∂w| (log scale)",
+                                                           "importance per layer", Path(tmp), log=True)), "plots")
         if stage == "evaluate" and output_dir is not None:
             for grid in sorted(Path(output_dir).glob("grid_*.png")):
                 self.client.log_artifact(run_id, str(grid), "samples")
@@ -166,23 +173,21 @@ def _plot(rows: list, stage: str, folder: Path) -> Path:
     return out
 
 
-def _widths_plot(widths: dict, folder: Path) -> Path:
+def _bars(values: dict[str, float], xlabel: str, title: str, folder: Path, log: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(widths)
-    kept = [widths[n] for n in names]
+    names = list(values)
     fig, ax = plt.subplots(figsize=(6, 0.18 * len(names) + 1.2), dpi=120)
-    ax.barh(range(len(names)), kept)
+    ax.barh(range(len(names)), [values[n] for n in names], log=log)
     ax.set_yticks(range(len(names)), [n[-40:] for n in names], fontsize=5)
     ax.invert_yaxis()
-    ax.set_xlabel("output channels kept")
-    ax.set_title("pruned widths per layer")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
     fig.tight_layout()
-    out = folder / "pruned_widths.png"
+    out = folder / (title.replace(" ", "_") + ".png")
     fig.savefig(out)
     plt.close(fig)
     return out
-

@@ -62,6 +62,10 @@ def test_pipeline_runs_end_to_end_then_every_stage_is_a_cache_hit(project):
     evaluate = next(c for c in children if c.data.tags["diffprune.stage"] == "evaluate")
     assert {"pruned.fid", "pruned.ssim", "macs_ratio", "speedup"} <= set(evaluate.data.metrics)
     assert "samples/grid_pairs.png" in {a.path for a in client.list_artifacts(evaluate.info.run_id, "samples")}
+    score = next(c for c in children if c.data.tags["diffprune.stage"] == "score")
+    assert {"plots/importance_per_layer.png", "plots/loss_over_t.png"} <= {
+        a.path for a in client.list_artifacts(score.info.run_id, "plots")}
+    assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_changing_one_stage_reruns_it_and_downstream_only(project):

@@ -15,7 +15,7 @@ from diffprune.report import render
 from flows.steps import Steps, publish_report, stage_params, summary_of
 from tasks import stages
 from tasks.registration import register
-from tasks.store import manifest_of
+from tasks.store import folder, manifest_of
 
 
 @flow(name="diffprune-pipeline", log_prints=True)
@@ -30,14 +30,15 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
         tuned = steps.call(stages.finetune, "finetune", data=data, student=pruned, teacher=teacher)
         evaluation = steps.call(stages.evaluate, "evaluate", data=data, teacher=teacher, student=tuned)
         refs = {"teacher": teacher, "score": scores, "prune": pruned, "finetune": tuned, "evaluate": evaluation}
-        summary = summary_of(refs)
+        summary = summary_of(steps.run["store"], refs)
         registered = None
         if params.registration.enabled and steps.tracker:
             registered = _register(steps, params, tuned, evaluation, summary)
         links = _links(steps, registered)
         report = render(summary, title=f"diffprune run {run_name}", links=links)
         out = Path(params.orchestration.store).parent / "reports"
-        grids = [Path(evaluation["path"]) / "output" / f"grid_{n}.png" for n in ("pairs", "teacher", "pruned")]
+        samples = folder(steps.run["store"], evaluation) / "output"
+        grids = [samples / f"grid_{n}.png" for n in ("pairs", "teacher", "pruned")]
         report_file = publish_report(report, grids, "diffprune-report", out / f"{run_name}.md")
         with atomic_file(out / "latest.md") as fh:
             fh.write(report)
@@ -63,7 +64,7 @@ def _register(steps: Steps, params, tuned: dict, evaluation: dict, summary: dict
                     return_state=True)
     ref = state.result()
     cached = state.name == "Cached"
-    outcome = manifest_of(ref)["summary"]
+    outcome = manifest_of(steps.run["store"], ref)["summary"]
     steps.hits["register"], steps.keys["register"] = cached, ref["key"]
     get_run_logger().info("register: %s (key %s)", "cache hit" if cached else "computed", ref["key"])
     if nested:

@@ -70,12 +70,11 @@ class Steps:
     def note(self, stage: str, ref: dict, cached: bool, label: str | None = None) -> dict:
         """Log the outcome and mirror the stage to a nested MLflow run; returns its manifest."""
         label = label or stage
-        manifest = store.manifest_of(ref)
+        manifest = store.manifest_of(self.run["store"], ref)
         self.hits[label], self.keys[label] = cached, ref["key"]
-        get_run_logger().info("%s: %s (key %s, %s)", label, "cache hit" if cached else "computed", ref["key"],
-                              ref["path"])
+        folder = store.folder(self.run["store"], ref)
+        get_run_logger().info("%s: %s (key %s, %s)", label, "cache hit" if cached else "computed", ref["key"], folder)
         if self.tracker:
-            folder = Path(ref["path"])
             self.tracker.log_stage(stage, manifest["params"], manifest["summary"], folder / "metrics",
                                    folder / "output", {"diffprune.cache_key": ref["key"],
                                                        "diffprune.cache": "hit" if cached else "miss",
@@ -95,9 +94,9 @@ class Steps:
         self.tracker.finish(ok)
 
 
-def summary_of(refs: dict[str, dict]) -> dict:
-    """The headline numbers of one chain (teacher … evaluate references)."""
-    s = {stage: store.manifest_of(refs[stage])["summary"] for stage in CHAIN}
+def summary_of(root: str, refs: dict[str, dict]) -> dict:
+    """The headline numbers of one chain (teacher … evaluate references) from the store at ``root``."""
+    s = {stage: store.manifest_of(root, refs[stage])["summary"] for stage in CHAIN}
     return headline(s["teacher"], s["score"], s["prune"], s["finetune"], s["evaluate"])
 
 

@@ -20,7 +20,7 @@ from diffprune.atomic import atomic_file, write_json
 from diffprune.config import Params, load_params
 from diffprune.report import comparison
 from flows.steps import Steps, publish_grids, publish_table, stage_params, summary_of
-from tasks import stages
+from tasks import stages, store
 
 
 def branches(params: Params) -> list[dict]:
@@ -76,7 +76,8 @@ def _row(steps: Steps, branch: dict, chain: dict, teacher: dict) -> dict:
             return {**branch, "failed_stage": stage, "error": str(state.message)}
         refs[stage] = future.result()
         steps.note(stage, refs[stage], state.name == "Cached", label=f"{branch['label']}/{stage}")
-    return {**summary_of(refs), **branch, "grid": str(Path(refs["evaluate"]["path"]) / "output" / "grid_pairs.png")}
+    grid = store.folder(steps.run["store"], refs["evaluate"]) / "output" / "grid_pairs.png"
+    return {**summary_of(steps.run["store"], refs), **branch, "grid": str(grid)}
 
 
 def _publish(rows: list[dict], params: Params, run_name: str) -> dict:

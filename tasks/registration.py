@@ -25,10 +25,11 @@ def register(params: dict, model: dict, evaluation: dict, summary: dict, run: di
     from tasks.registry import register as register_model
 
     refs = {"model": model, "evaluation": evaluation}
-    key = cache_key("register", params, refs, extra)
+    key = cache_key(run["store"], "register", params, refs, extra)
 
     def build(scratch: Path) -> dict:
-        result = register_model(Path(model["path"]) / "output", summary, RegisterParams(**params), mlflow_run_id)
+        model_dir = store.folder(run["store"], model) / "output"
+        result = register_model(model_dir, summary, RegisterParams(**params), mlflow_run_id)
         write_json(scratch / "metrics" / "register.json", result)
         return result
 
@@ -38,4 +39,4 @@ def register(params: dict, model: dict, evaluation: dict, summary: dict, run: di
     outcome = manifest["summary"]
     get_run_logger().info("register: %s version %s of %s, aliases %s", "created" if built else "already registered:",
                           outcome["version"], outcome["name"], outcome["aliases"])
-    return store.reference(run["store"], "register", key)
+    return store.reference("register", key)

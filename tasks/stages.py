@@ -2,7 +2,7 @@
 
 Cache keys come from the stage's own params, the content digests of its inputs and its code version
 (:mod:`diffprune.fingerprint`) — never from the run id or a path. A task returns a small reference
-``{"stage", "key", "path"}`` into the content-addressed store (:mod:`tasks.store`), persisted as JSON.
+``{"stage", "key"}`` into the content-addressed store (:mod:`tasks.store`), persisted as JSON.
 A cached reference whose store entry is missing or damaged is not trusted: the key policy turns
 that lookup into a miss, and the stage is recomputed.
 """
@@ -55,8 +55,8 @@ def external_inputs(stage: str, params: dict) -> dict[str, str]:
     return {}
 
 
-def cache_key(stage: str, params: dict, refs: dict[str, dict], extra: dict | None = None) -> str:
-    inputs = {name: store.manifest_of(ref)["output_digest"] for name, ref in refs.items()}
+def cache_key(root: str, stage: str, params: dict, refs: dict[str, dict], extra: dict | None = None) -> str:
+    inputs = {name: store.manifest_of(root, ref)["output_digest"] for name, ref in refs.items()}
     inputs.update(external_inputs(stage, params))
     keyed = {k: v for k, v in params.items() if k not in NOT_IN_KEY.get(stage, ())}
     return stage_key(stage, {**keyed, **(extra or {})}, inputs, code_version(stage))
@@ -71,7 +71,7 @@ class StageCachePolicy(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         run = inputs["run"]
         refs = {name: inputs[name] for name in INPUTS.get(self.stage, ())}
-        key = cache_key(self.stage, inputs["params"], refs, inputs.get("extra"))
+        key = cache_key(run["store"], self.stage, inputs["params"], refs, inputs.get("extra"))
         if store.lookup(run["store"], self.stage, key) is None and task_ctx.result_store.exists(key):
             get_run_logger().warning(
                 "%s: the cached result's outputs in %s are missing or damaged; recomputing",
@@ -88,8 +88,8 @@ def _transient(task, task_run, state) -> bool:
 
 def run_stage(stage: str, params: dict, refs: dict[str, dict], run: dict) -> dict:
     """Compute (or find) the stage's store entry for these params and inputs; return its reference."""
-    key = cache_key(stage, params, refs)
-    inputs = {name: Path(ref["path"]) / "output" for name, ref in refs.items()}
+    key = cache_key(run["store"], stage, params, refs)
+    inputs = {name: store.folder(run["store"], ref) / "output" for name, ref in refs.items()}
 
     def build(scratch: Path) -> dict:
         group = GROUP.get(stage, stage)
@@ -109,7 +109,7 @@ def run_stage(stage: str, params: dict, refs: dict[str, dict], run: dict) -> dic
     record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": code_version(stage)}
     _, built = store.publish(run["store"], stage, key, build, record)
     get_run_logger().info("%s %s (key %s)", stage, "computed" if built else "found complete in the store", key)
-    return store.reference(run["store"], stage, key)
+    return store.reference(stage, key)
 
 
 def stage_summary(stage: str, folder: Path) -> dict:

@@ -41,12 +41,16 @@ def lookup(root: str | Path, stage: str, key: str) -> dict | None:
     return None
 
 
-def manifest_of(ref: dict) -> dict:
-    """The verified manifest behind a stage reference (``{"stage", "key", "path"}``) returned by a task."""
-    folder = Path(ref["path"])
-    manifest = lookup(folder.parent.parent, ref["stage"], ref["key"])
+def folder(root: str | Path, ref: dict) -> Path:
+    """Where a stage reference's entry lives in the store at ``root``."""
+    return entry(root, ref["stage"], ref["key"])
+
+
+def manifest_of(root: str | Path, ref: dict) -> dict:
+    """The verified manifest behind a stage reference (``{"stage", "key"}``) returned by a task."""
+    manifest = lookup(root, ref["stage"], ref["key"])
     if manifest is None:
-        raise FileNotFoundError(f"{folder}: stage output missing or damaged")
+        raise FileNotFoundError(f"{folder(root, ref)}: stage output missing or damaged")
     return manifest
 
 
@@ -95,6 +99,7 @@ def publish(root: str | Path, stage: str, key: str, build: Callable[[Path], dict
                 shutil.rmtree(scratch, ignore_errors=True)
 
 
-def reference(root: str | Path, stage: str, key: str) -> dict:
-    """The small JSON-able value a task returns: where the entry is, never its content."""
-    return {"stage": stage, "key": key, "path": str(entry(Path(root).resolve(), stage, key))}
+def reference(stage: str, key: str) -> dict:
+    """The small JSON-able value a task returns: which entry, never its content nor a path. A cached
+    reference is thus valid for whichever store holds the entry (the cache policy checks that it does)."""
+    return {"stage": stage, "key": key}

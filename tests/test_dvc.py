@@ -81,8 +81,8 @@ def test_dvc_repro_experiments_and_a_remote(tmp_path):
     shown = json.loads(_dvc(project, "exp", "show", "--json"))
     ratios = _values(shown, "pruning_ratio")
     assert 0.5 in ratios and 0.3 in ratios, "the experiment and the baseline both show up"
-    plots = json.loads(_dvc(project, "plots", "diff", "--json", "HEAD"))
-    assert any("FID vs MACs" in key for key in plots)
+    plots = json.loads(_dvc(project, "plots", "diff", "--json", "HEAD"))["data"]
+    assert {"fine-tuning loss", "FID vs MACs", "importance per layer"} <= set(plots)
 
     remote = tmp_path / "remote"
     _dvc(project, "remote", "add", "-d", "local", str(remote))

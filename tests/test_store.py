@@ -24,8 +24,8 @@ def test_publish_then_lookup_finds_it_and_a_second_publish_reuses_it(tmp_path):
     assert built and manifest["summary"] == {"n": 3} and store.lookup(tmp_path, "prune", "k1") == manifest
     again, built = store.publish(tmp_path, "prune", "k1", _build("abc", calls), {"params": {}})
     assert not built and again == manifest and calls == ["abc"]
-    ref = store.reference(tmp_path, "prune", "k1")
-    assert store.manifest_of(ref) == manifest and set(ref) == {"stage", "key", "path"}
+    ref = store.reference("prune", "k1")
+    assert store.manifest_of(tmp_path, ref) == manifest and ref == {"stage": "prune", "key": "k1"}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "add", "manifest"])
@@ -39,7 +39,7 @@ def test_damaged_entries_are_absent_and_get_rebuilt(tmp_path, damage):
      "manifest": lambda: (folder / store.MANIFEST).write_text("{")}[damage]()
     assert store.lookup(tmp_path, "prune", "k1") is None
     with pytest.raises(FileNotFoundError):
-        store.manifest_of(store.reference(tmp_path, "prune", "k1"))
+        store.manifest_of(tmp_path, store.reference("prune", "k1"))
     _, built = store.publish(tmp_path, "prune", "k1", _build("abc", calls), {})
     assert built and weights.read_text() == "abc" and store.lookup(tmp_path, "prune", "k1") is not None
 

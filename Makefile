@@ -33,7 +33,7 @@ repro: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check diffprune tasks flows tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile   # two workers; a test file stays on one
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check diffprune tasks flows tests

@@ -13,9 +13,9 @@ from pathlib import Path
 from diffprune.config import load_params
 
 # What a first run on a fresh machine needs: the temporary Prefect server's database set-up takes
-# ~20 s here, which is Prefect's default start-up limit; and no telemetry leaves the machine.
+# ~20 s here (minutes on a busy machine), past Prefect's default 20 s start-up limit; no telemetry leaves.
 ENVIRONMENT = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -40,8 +40,24 @@ class FidReference:
         )
 
     def fid(self, feats: np.ndarray) -> float:
-        mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
-        return float(cleanfid.frechet_distance(mu, sigma, self.mu, self.sigma))
+        return frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), self.mu, self.sigma)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the FID formula of clean-fid and pytorch-fid.
+
+    Tr((Σ1 Σ2)^½) is the sum of the square roots of the eigenvalues of Σ1^½ Σ2 Σ1^½ (similar to Σ1 Σ2,
+    but symmetric), so no general matrix square root is needed: clean-fid's call of
+    ``scipy.linalg.sqrtm(..., disp=False)`` fails on scipy ≥ 1.18, and sqrtm can return complex noise.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def dataset_key(data: Prepared) -> str:

@@ -14,7 +14,6 @@ from diffprune.config import Params, load_params
 from diffprune.report import headline
 from tasks import stages, store
 from tasks.stages import GROUP
-from tasks.tracking import Tracker, code_tags
 
 CHAIN = ("teacher", "score", "prune", "finetune", "evaluate")
 
@@ -46,6 +45,8 @@ class Steps:
         self.keys: dict[str, str] = {}
         self.tracker = None
         if params.tracking.enabled:
+            from tasks.tracking import Tracker, code_tags  # MLflow only when tracking is on
+
             self.tracker = Tracker(params.tracking, run_name, {**code_tags(), **prefect_tags()})
 
     @classmethod

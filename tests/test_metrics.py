@@ -75,3 +75,17 @@ def test_inception_requested_offline_without_weights_says_where_to_put_them(digi
 def test_auto_extractor_falls_back_to_the_classifier_without_weights(digits, tmp_path):
     params = tiny_eval(tmp_path / "fid", inception_path=str(tmp_path / "absent" / "inception-2015-12-05.pt"))
     assert fid_reference(digits, params, torch.device("cpu")).name.startswith("classifier-")
+
+
+def test_frechet_distance_matches_the_sqrtm_formula():
+    from scipy import linalg
+
+    from diffprune.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(0.3, 1.2, size=(300, 16)) @ rng.normal(size=(16, 16))
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,112 @@
+"""Method comparison through the sweep flow: scratch training (reinit), random, magnitude, Taylor and
+Diff-Pruning at several thresholds, at two MACs targets, the same fine-tuning budget, several seeds.
+
+    python benchmarks/methods.py                      # the default params.yaml; ~4 h on 2 CPU cores
+    python benchmarks/methods.py --workers 4          # what produced the committed results (one GPU)
+
+Writes benchmarks/results/methods.{json,md} and methods_pareto.png (FID vs MACs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, mean_std, save
+from diffprune.cli_flows import prepare_environment
+from diffprune.config import load_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--criteria", nargs="+", default=["reinit", "random", "magnitude", "taylor", "diff-pruning"])
+    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.0, 0.02, 0.05])
+    ap.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.35], help="fractions of the teacher's MACs")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--workers", type=int, default=2, help="branches at once (each stage is its own process)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    overrides = [f"sweep.criteria=[{','.join(args.criteria)}]",
+                 f"sweep.thresholds=[{','.join(map(str, args.thresholds))}]",
+                 f"sweep.target_macs=[{','.join(map(str, args.targets))}]",
+                 f"sweep.seeds=[{','.join(map(str, args.seeds))}]",
+                 f"orchestration.max_workers={args.workers}", *args.overrides]
+    params = load_params(args.params, overrides)
+    prepare_environment(params.orchestration.store)
+    from flows.sweep import sweep
+
+    result = sweep(args.params, overrides)
+    rows = [r for r in result["rows"] if "error" not in r]
+    table = aggregate(rows, params.finetune.steps)
+    markdown = render(table, result["rows"])
+    print(markdown)
+    save("methods", {"rows": result["rows"], "table": table, "overrides": overrides}, markdown, args.out)
+    pareto(table, args.out / "methods_pareto.png")
+
+
+def aggregate(rows: list[dict], steps: int) -> list[dict]:
+    """Mean and spread over seeds of each (method, target); the teacher first."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        method = r["criterion"] + (f" thr={r['thr']:g}" if r["criterion"] == "diff-pruning" else "")
+        groups[(method, r["target_macs"])].append(r)
+    first = rows[0]
+    table = [{"method": "teacher", "target_macs": 1.0, "params": first["teacher_params"], "macs": first["teacher_macs"],
+              "fid": first["teacher_fid"], "fid_std": first["teacher_fid_std"], "ssim": 1.0, "ssim_std": 0.0,
+              "steps": None, "seeds": 1}]
+    for (method, target), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        fid, fid_std = mean_std([r["fid"] for r in rs])
+        ssim, ssim_std = mean_std([r["ssim"] for r in rs])
+        table.append({
+            "method": method, "target_macs": target, "params": rs[0]["params"], "macs": rs[0]["macs"],
+            "macs_ratio": rs[0]["macs_ratio"], "fid": fid, "fid_std": fid_std, "ssim": ssim, "ssim_std": ssim_std,
+            "fid_per_seed": [r["fid"] for r in rs], "steps": steps, "seeds": len(rs),
+            "timesteps_visited": rs[0].get("timesteps_visited"),
+            "score_s": mean_std([r.get("score_seconds") or 0.0 for r in rs])[0],
+            "finetune_s": mean_std([r.get("finetune_seconds") or 0.0 for r in rs])[0],
+        })
+    return table
+
+
+def render(table: list[dict], rows: list[dict]) -> str:
+    lines = ["| method | MACs target | params | MACs | FID (mean ± sd over seeds) | SSIM to teacher | fine-tune steps "
+             "| timesteps scored | score s | fine-tune s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in table:
+        visited = t.get("timesteps_visited")
+        lines.append(
+            f"| {t['method']} | {t['target_macs']:g} | {t['params'] / 1e6:.3f} M | {t['macs'] / 1e6:.2f} M | "
+            f"{t['fid']:.3f} ± {t['fid_std']:.3f} | {t['ssim']:.3f} ± {t['ssim_std']:.3f} | {t['steps'] or '–'} | "
+            f"{visited if visited else '–'} | {t.get('score_s', 0):.1f} | {t.get('finetune_s', 0):.1f} |")
+    failed = [r for r in rows if "error" in r]
+    lines += [f"- {r['label']}: failed in {r['failed_stage']}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def pareto(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=130)
+    for t in table:
+        ax.errorbar(t["macs"] / 1e6, t["fid"], yerr=t["fid_std"], fmt="o", capsize=3, label=
+                    f"{t['method']} ({t['target_macs']:g})")
+    ax.set_xlabel("MACs per denoising step (M)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("FID vs MACs")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

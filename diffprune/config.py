@@ -202,6 +202,7 @@ class OrchestrationParams(_Strict):
         default_factory=lambda: {"prepare": 30, "teacher": 720, "score": 120, "prune": 30, "finetune": 720,
                                  "evaluate": 240, "register": 30},
         description="wall-clock limit per stage, minutes")
+    train_processes: int = Field(1, ge=1, description="teacher/finetune: >1 launches `accelerate launch --multi_gpu`")
     retries: int = Field(1, ge=0, description="re-runs after a transient failure (never after bad input)")
     retry_delay_s: float = Field(5.0, ge=0.0)
     task_runner: Literal["local", "dask"] = "local"

@@ -21,7 +21,8 @@ CHAIN = ("teacher", "score", "prune", "finetune", "evaluate")
 def run_settings(params: Params) -> dict:
     """The JSON-able settings every stage task receives (never part of a cache key)."""
     o = params.orchestration
-    return {"store": str(Path(o.store).resolve()), "executor": o.executor, "timeouts_min": dict(o.timeouts_min)}
+    return {"store": str(Path(o.store).resolve()), "executor": o.executor, "timeouts_min": dict(o.timeouts_min),
+            "train_processes": o.train_processes}
 
 
 def stage_params(params: Params, stage: str) -> dict:

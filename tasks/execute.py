@@ -34,8 +34,15 @@ class StageCrashed(DiffpruneError):
     exit_code = 1
 
 
-def run_cli(argv: list[str], executor: str, timeout_s: float | None) -> None:
-    """Run ``diffprune <argv>``; raise one of the errors above on failure."""
+def run_cli(argv: list[str], executor: str, timeout_s: float | None, processes: int = 1) -> None:
+    """Run ``diffprune <argv>``; raise one of the errors above on failure.
+
+    ``processes`` > 1 runs it data-parallel under ``accelerate launch --multi_gpu`` (one process per GPU).
+    """
+    if processes > 1:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+        _run_child([*launch, "-m", "diffprune", *argv], timeout_s, argv[0])
+        return
     if executor == "inline":
         try:
             cli.run(argv)

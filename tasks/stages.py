@@ -103,7 +103,8 @@ def run_stage(stage: str, params: dict, refs: dict[str, dict], run: dict) -> dic
         if stage in TRAINS:  # shared per stage: training fingerprints its own checkpoint folders
             argv += ["--checkpoints", str(Path(run["store"]) / "_checkpoints" / stage)]
         timeout = run["timeouts_min"].get(stage)
-        run_cli(argv, run["executor"], timeout * 60 if timeout else None)
+        processes = run.get("train_processes", 1) if stage in TRAINS else 1
+        run_cli(argv, run["executor"], timeout * 60 if timeout else None, processes)
         return stage_summary(stage, scratch)
 
     record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": code_version(stage)}

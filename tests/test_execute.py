@@ -35,3 +35,19 @@ def test_only_crashes_are_retried():
     assert _transient(None, None, Failed(data=StageCrashed("killed")))
     assert not _transient(None, None, Failed(data=StageInputError("bad key")))
     assert not _transient(None, None, Failed(data=StageTimeout("too long")))
+
+
+@pytest.mark.slow
+def test_training_stages_run_data_parallel_under_accelerate(tmp_path, digits_dir, tiny_model_dir):
+    import json
+
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": {"steps": 2, "batch_size": 4, "checkpoint_every": 2,
+                                                   "device": "cpu"}}))
+    run_cli(["finetune", "--params", str(params), "--data", str(digits_dir), "--student", str(tiny_model_dir),
+             "--teacher", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--checkpoints",
+             str(tmp_path / "ck"), "--metrics", str(tmp_path / "m")], "subprocess", 300, processes=2)
+    assert json.loads((tmp_path / "m" / "finetune.json").read_text())["world_size"] == 2
+    assert (tmp_path / "out" / "unet" / "architecture.json").is_file()

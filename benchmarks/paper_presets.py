@@ -1,0 +1,99 @@
+"""The paper-scale presets (presets/*.yaml): what they run, and a CPU check of their real architectures.
+
+    python benchmarks/paper_presets.py --check            # both presets, ~2 minutes on 2 CPU cores
+
+The check builds each preset's teacher architecture with random weights, scores a few timesteps, prunes
+at the preset's ratio, runs two training and two sampling steps of the pruned model, and compares params
+and MACs before and after pruning with the paper's tables (within 1 %). The full runs need a GPU:
+    diffprune run --params presets/cifar10.yaml
+    # several GPUs: --set orchestration.train_processes=8 (accelerate launch --multi_gpu for teacher/finetune)
+Writes benchmarks/results/paper_presets.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS, save
+from diffprune.config import TrainParams, load_params
+from diffprune.importance import accumulate_gradients
+from diffprune.metrics import macs_and_params
+from diffprune.models import build_unet, make_scheduler
+from diffprune.pruning import prune_unet
+from diffprune.sampling import sample
+from diffprune.training import train
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+# The paper's numbers (Tables 1 and 2; CIFAR-10 to the digit in the official code's log).
+PAPER = {
+    "cifar10": {"params": (35.7463e6, 19.8512e6), "macs": (6.0655e9, 3.3928e9)},
+    "celeba64": {"params": (78.7e6, 43.7e6), "macs": (23.9e9, 13.3e9)},
+}
+
+
+def check(name: str) -> dict:
+    params = load_params(PRESETS / f"{name}.yaml")
+    res, ch = params.data.resolution, params.data.n_channels
+    torch.manual_seed(0)
+    unet = build_unet(params.teacher.architecture, res, ch)
+    macs0, params0 = macs_and_params(unet)
+    x0 = torch.rand(2, ch, res, res) * 2 - 1
+    start = time.perf_counter()
+    scored = accumulate_gradients(unet, make_scheduler(3), [x0], params.score.criterion, 0.0, progress=False)
+    pruned = prune_unet(unet, params.prune.pruning_ratio, params.score.criterion, scored.grads, params.prune.seed)
+    macs1, params1 = macs_and_params(pruned)
+    images = np.random.default_rng(0).integers(0, 256, (8, res, res, ch), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as ckpt:
+        trained = train(pruned, make_scheduler(params.teacher.num_train_timesteps), images,
+                        TrainParams(steps=2, batch_size=2, checkpoint_every=2, device="cpu"), ckpt).model
+    out = sample(trained, make_scheduler(params.teacher.num_train_timesteps), 2, 0, steps=2, batch_size=2,
+                 progress=False)
+    paper = PAPER[name]
+    measured = {"params": (params0, params1), "macs": (macs0, macs1)}
+    match = all(abs(m - p) / p <= 0.01 for key in paper for m, p in zip(measured[key], paper[key], strict=True))
+    return {"preset": name, "pruning_ratio": params.prune.pruning_ratio, "criterion": params.score.criterion,
+            "params": measured["params"], "macs": measured["macs"], "paper": paper, "match_1pct": match,
+            "timesteps_scored": len(scored.timesteps), "sample_shape": list(out.shape),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| preset | ratio | params before → after | paper | MACs before → after | paper | within 1 % |",
+             "|---|---:|---|---|---|---|---|"]
+    for r in rows:
+        p, m, pp, pm = r["params"], r["macs"], r["paper"]["params"], r["paper"]["macs"]
+        lines.append(f"| {r['preset']} | {r['pruning_ratio']} | {p[0] / 1e6:.4f} M → {p[1] / 1e6:.4f} M | "
+                     f"{pp[0] / 1e6:.4g} M → {pp[1] / 1e6:.4g} M | {m[0] / 1e9:.4f} G → {m[1] / 1e9:.4f} G | "
+                     f"{pm[0] / 1e9:.4g} G → {pm[1] / 1e9:.4g} G | {'yes' if r['match_1pct'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="build, score, prune, train and sample on CPU")
+    ap.add_argument("presets", nargs="*", default=sorted(PAPER))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if not args.check:
+        for name in args.presets:
+            print(f"{name}: diffprune run --params presets/{name}.yaml")
+        return 0
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = [check(name) for name in args.presets]
+    markdown = render(rows)
+    print(markdown)
+    save("paper_presets", {"rows": rows}, markdown, args.out)
+    return 0 if all(r["match_1pct"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Efficiency of the built-in default: what the pruned model buys and what each stage costs.
+
+    python benchmarks/efficiency.py            # ~12 minutes on 2 CPU cores (the Taylor pass is most of it)
+
+1. sampling latency of teacher vs pruned (ratio 0.25) at several batch sizes, on CPU and on CUDA when
+   present, as speed-up next to the MACs ratio (the ideal);
+2. importance-scoring time of diff-pruning (thr 0.05) vs Taylor (all 1,000 timesteps), same batch;
+3. training-step time, teacher vs pruned;
+4. peak resident memory of each stage (`diffprune <stage>` in its own process; short fine-tuning and
+   evaluation, same batch sizes as the default, since memory follows the batch, not the step count).
+Writes benchmarks/results/efficiency.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import yaml
+
+from benchmarks.common import RESULTS, save
+from diffprune.config import TrainParams, load_params
+from diffprune.data import load_prepared, prepare_dataset
+from diffprune.importance import accumulate_gradients
+from diffprune.metrics import latency_pair, macs_and_params
+from diffprune.models import BUILTIN_TEACHER, load_pretrained
+from diffprune.pruning import prune_unet
+from diffprune.training import images_to_tensor, train
+
+STAGES = ("prepare", "teacher", "score", "prune", "finetune", "evaluate")
+
+
+def latency(teacher, pruned, batches: list[int], device: torch.device) -> list[dict]:
+    rows = []
+    for batch in batches:
+        t = latency_pair({"teacher": teacher, "pruned": pruned}, batch, steps=10, repeats=5, device=device)
+        rows.append({"device": device.type, "batch": batch, "teacher_s": t["teacher"], "pruned_s": t["pruned"],
+                     "speedup": t["teacher"] / t["pruned"]})
+    return rows
+
+
+def scoring(teacher, scheduler, x0: torch.Tensor) -> dict:
+    out = {}
+    for name, criterion, thr in (("diff-pruning", "diff-pruning", 0.05), ("taylor", "taylor", 0.0)):
+        result = accumulate_gradients(copy.deepcopy(teacher), scheduler, [x0], criterion, thr)
+        out[name] = {"seconds": result.seconds, "timesteps": len(result.timesteps)}
+    out["ratio"] = out["diff-pruning"]["seconds"] / out["taylor"]["seconds"]
+    return out
+
+
+def train_step(model, scheduler, images: np.ndarray, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as ckpt:
+        result = train(copy.deepcopy(model), scheduler, images,
+                       TrainParams(steps=steps, batch_size=64, checkpoint_every=steps, device="cpu"), ckpt)
+    return result.seconds / steps
+
+
+def peak_memory(params_file: str) -> dict[str, float]:
+    """Max RSS (MB) of each stage process of a short default chain in a scratch folder."""
+    peaks = {}
+    with tempfile.TemporaryDirectory() as work:
+        raw = yaml.safe_load(Path(params_file).read_text()) or {}
+        raw["finetune"] = {**raw.get("finetune", {}), "steps": 20, "checkpoint_every": 20}
+        raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 256, "cache_dir": f"{work}/fid"}
+        Path(work, "params.yaml").write_text(yaml.safe_dump(raw))
+        for stage in STAGES:
+            code = (f"import resource, runpy, sys\nsys.argv = ['diffprune', {stage!r}]\ntry:\n"
+                    "    runpy.run_module('diffprune', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
+                                  env={**os.environ, "TQDM_DISABLE": "1"}, timeout=1800)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("MAXRSS")), None)
+            if proc.returncode != 0 or line is None:
+                raise RuntimeError(f"{stage}: {proc.stderr[-2000:]}")
+            peaks[stage] = int(line.split()[1]) / 1024
+    return peaks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    params = load_params(args.params)
+    teacher, scheduler = load_pretrained(str(BUILTIN_TEACHER))
+    pruned = prune_unet(copy.deepcopy(teacher), params.prune.pruning_ratio or 0.25, "magnitude")
+    (t_macs, t_params), (p_macs, p_params) = macs_and_params(teacher), macs_and_params(pruned)
+    ideal = t_macs / p_macs
+    rows = latency(teacher, pruned, args.batches, torch.device("cpu"))
+    if torch.cuda.is_available():
+        rows += latency(teacher, pruned, args.batches, torch.device("cuda"))
+    teacher, pruned = teacher.cpu(), pruned.cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_dataset(params.data, Path(tmp) / "data")
+        data = load_prepared(Path(tmp) / "data")
+    order = np.random.default_rng(params.score.seed).permutation(len(data.train))[: params.score.batch_size]
+    x0 = images_to_tensor(data.train[order])
+    step = {"teacher_s": train_step(teacher, scheduler, data.train, 12),
+            "pruned_s": train_step(pruned, scheduler, data.train, 12)}
+    step["speedup"] = step["teacher_s"] / step["pruned_s"]
+    score = scoring(teacher, scheduler, x0)
+    memory = {} if args.skip_memory else peak_memory(args.params)
+    payload = {"macs": {"teacher": t_macs, "pruned": p_macs, "ideal_speedup": ideal},
+               "params": {"teacher": t_params, "pruned": p_params}, "latency": rows, "train_step": step,
+               "scoring": score, "peak_rss_mb": memory, "torch_threads": torch.get_num_threads()}
+    markdown = render(payload)
+    print(markdown)
+    save("efficiency", payload, markdown, args.out)
+
+
+def render(p: dict) -> str:
+    lines = [f"MACs {p['macs']['teacher'] / 1e6:.2f} M → {p['macs']['pruned'] / 1e6:.2f} M: ideal speed-up "
+             f"{p['macs']['ideal_speedup']:.2f}×", "",
+             "| device | batch | teacher s / 10 calls | pruned s / 10 calls | speed-up | ideal (MACs) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in p["latency"]:
+        lines.append(f"| {r['device']} | {r['batch']} | {r['teacher_s']:.4f} | {r['pruned_s']:.4f} | "
+                     f"{r['speedup']:.2f}× | {p['macs']['ideal_speedup']:.2f}× |")
+    s, st = p["scoring"], p["train_step"]
+    lines += ["", f"Training step (batch 64): teacher {st['teacher_s']:.3f} s, pruned {st['pruned_s']:.3f} s "
+              f"({st['speedup']:.2f}×).",
+              f"Importance scoring (batch 32): diff-pruning {s['diff-pruning']['seconds']:.1f} s over "
+              f"{s['diff-pruning']['timesteps']} timesteps, Taylor {s['taylor']['seconds']:.1f} s over "
+              f"{s['taylor']['timesteps']}: ratio {s['ratio']:.2f}."]
+    if p["peak_rss_mb"]:
+        lines += ["", "| stage | peak RSS (MB) |", "|---|---:|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in p["peak_rss_mb"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -74,8 +74,9 @@ def peak_memory(params_file: str) -> dict[str, float]:
         Path(work, "params.yaml").write_text(yaml.safe_dump(raw))
         for stage in STAGES:
             code = (f"import resource, runpy, sys\nsys.argv = ['diffprune', {stage!r}]\ntry:\n"
-                    "    runpy.run_module('diffprune', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-                    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+                    "    runpy.run_module('diffprune', run_name='__main__')\n"
+                    "except SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
+                    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
             proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
                                   env={**os.environ, "TQDM_DISABLE": "1"}, timeout=1800)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("MAXRSS")), None)

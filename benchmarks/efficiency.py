@@ -73,10 +73,12 @@ def peak_memory(params_file: str) -> dict[str, float]:
         raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 256, "cache_dir": f"{work}/fid"}
         Path(work, "params.yaml").write_text(yaml.safe_dump(raw))
         for stage in STAGES:
-            code = (f"import resource, runpy, sys\nsys.argv = ['diffprune', {stage!r}]\ntry:\n"
+            # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+            code = (f"import runpy, sys\nsys.argv = ['diffprune', {stage!r}]\ntry:\n"
                     "    runpy.run_module('diffprune', run_name='__main__')\n"
                     "except SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
-                    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
+                    "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]\n"
+                    "print('MAXRSS', hwm)\nsys.exit(code)")
             proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
                                   env={**os.environ, "TQDM_DISABLE": "1"}, timeout=1800)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("MAXRSS")), None)
@@ -91,9 +93,19 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="re-measure peak memory into an existing result")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     params = load_params(args.params)
+    if args.memory_only:
+        import json
+
+        payload = json.loads((args.out / "efficiency.json").read_text())
+        payload.pop("machine", None)
+        payload["peak_rss_mb"] = peak_memory(args.params)
+        save("efficiency", payload, render(payload), args.out)
+        print(render(payload))
+        return
     teacher, scheduler = load_pretrained(str(BUILTIN_TEACHER))
     pruned = prune_unet(copy.deepcopy(teacher), params.prune.pruning_ratio or 0.25, "magnitude")
     (t_macs, t_params), (p_macs, p_params) = macs_and_params(teacher), macs_and_params(pruned)

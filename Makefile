@@ -32,11 +32,11 @@ repro: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check diffprune tasks flows tests
+	$(BIN)/ruff check diffprune tasks flows tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile   # two workers; a test file stays on one
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check diffprune tasks flows tests
+	$(BIN)/ruff check diffprune tasks flows tests benchmarks
 
 clean:
 	rm -rf data models checkpoints metrics samples scores artifacts mlartifacts mlflow.db mlflow.db.lock

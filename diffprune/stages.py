@@ -69,6 +69,7 @@ def teacher(
         _check_fits(unet, data.resolution, data.channels, ref)
     info.update(params=count_params(unet), seconds=round(time.perf_counter() - start, 1))
     if is_main_process():
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)  # a declared DVC output, even when nothing trained
         save_model(unet, scheduler, out_dir)
         write_json(Path(metrics_dir) / "teacher.json", info)
     return info

@@ -54,14 +54,14 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
 
 
 def _register(steps: Steps, params, tuned: dict, evaluation: dict, summary: dict) -> dict:
-    task_fn = register  # no retries: a retry after a half-done registration would add a second version
     nested = None
     if steps.tracker:
         nested = steps.tracker.client.create_run(steps.tracker.experiment_id, run_name="register", tags={
             "mlflow.parentRunId": steps.tracker.run_id, "diffprune.stage": "register"}).info.run_id
-    state = task_fn(params=stage_params(params, "register"), model=tuned, evaluation=evaluation, summary=summary,
-                    run=steps.run, extra={"tracking_uri": steps.tracker.uri}, mlflow_run_id=nested,
-                    return_state=True)
+    # No retries: a retry after a half-done registration would add a second version.
+    state = register(params=stage_params(params, "register"), model=tuned, evaluation=evaluation, summary=summary,
+                     run=steps.run, extra={"tracking_uri": steps.tracker.uri}, mlflow_run_id=nested,
+                     return_state=True)
     ref = state.result()
     cached = state.name == "Cached"
     outcome = manifest_of(steps.run["store"], ref)["summary"]

@@ -10,7 +10,6 @@ folders; runs with the same params take a per-key file lock, so the second one f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from diffprune.atomic import write_json
+from diffprune.atomic import file_lock, write_json
 from diffprune.fingerprint import dir_digest
 
 MANIFEST = "manifest.json"
@@ -57,14 +56,8 @@ def manifest_of(root: str | Path, ref: dict) -> dict:
 @contextlib.contextmanager
 def locked(root: str | Path, stage: str, key: str) -> Iterator[None]:
     """Hold an exclusive lock on one key (processes and threads alike) while it is computed."""
-    locks = Path(root) / stage / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(Path(root) / stage / ".locks" / f"{key}.lock"):
+        yield
 
 
 def publish(root: str | Path, stage: str, key: str, build: Callable[[Path], dict], record: dict) -> tuple[dict, bool]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import os
 import subprocess
@@ -22,6 +21,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from diffprune.atomic import file_lock
 from diffprune.config import TrackingParams
 
 PLOTTED = {"score": ("loss_over_t", "t"), "teacher": ("loss", "step"), "finetune": ("loss", "step")}
@@ -71,14 +71,8 @@ def _schema_lock(uri: str) -> Iterator[None]:
     if not uri.startswith(prefix):
         yield
         return
-    lock = Path(uri[len(prefix):] + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(uri[len(prefix):] + ".lock"):
+        yield
 
 
 class Tracker:

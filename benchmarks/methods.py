@@ -4,12 +4,16 @@ Diff-Pruning at several thresholds, at two MACs targets, the same fine-tuning bu
     python benchmarks/methods.py                      # the default params.yaml; ~4 h on 2 CPU cores
     python benchmarks/methods.py --workers 4          # what produced the committed results (one GPU)
 
-Writes benchmarks/results/methods.{json,md} and methods_pareto.png (FID vs MACs).
+    python benchmarks/methods.py --from-store artifacts/store   # tables from finished branches only
+
+Writes benchmarks/results/methods.{json,md} and methods_pareto.png (FID vs MACs). ``--from-store`` reads
+the stage manifests of every evaluated branch in a store (e.g. of a sweep stopped at a time limit).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +35,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="branches at once (each stage is its own process)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--from-store", type=Path, help="aggregate the evaluated branches of this store; run nothing")
     args = ap.parse_args()
+    if args.from_store:
+        rows = rows_from_store(args.from_store)
+        publish(rows, load_params(args.params, args.overrides).finetune.steps,
+                {"from_store": str(args.from_store), "overrides": args.overrides}, args.out)
+        return
 
     overrides = [f"sweep.criteria=[{','.join(args.criteria)}]",
                  f"sweep.thresholds=[{','.join(map(str, args.thresholds))}]",
@@ -43,12 +53,47 @@ def main() -> None:
     from flows.sweep import sweep
 
     result = sweep(args.params, overrides)
-    rows = [r for r in result["rows"] if "error" not in r]
-    table = aggregate(rows, params.finetune.steps)
-    markdown = render(table, result["rows"])
+    publish(result["rows"], params.finetune.steps, {"overrides": overrides}, args.out)
+
+
+def publish(rows: list[dict], steps: int, how: dict, out: Path) -> None:
+    table = aggregate([r for r in rows if "error" not in r], steps)
+    markdown = render(table, rows)
     print(markdown)
-    save("methods", {"rows": result["rows"], "table": table, "overrides": overrides}, markdown, args.out)
-    pareto(table, args.out / "methods_pareto.png")
+    save("methods", {"rows": rows, "table": table, **how}, markdown, out)
+    pareto(table, out / "methods_pareto.png")
+
+
+def rows_from_store(root: Path) -> list[dict]:
+    """One row per evaluated branch, from the stage manifests alone (no weights needed). Walks forward
+    from each score entry by output digest: two branches whose pruned models came out identical share
+    one fine-tuning entry, which records only the first branch as its input."""
+    from diffprune.report import headline
+
+    entries = {stage: {m["key"]: m for m in (json.loads(p.read_text()) for p in root.glob(f"{stage}/*/manifest.json"))}
+               for stage in ("teacher", "score", "prune", "finetune", "evaluate")}
+
+    def after(stage: str, upstream: dict, name: str, up_stage: str) -> list[dict]:
+        return [m for m in entries[stage].values()
+                if entries[up_stage][m["inputs"][name]]["output_digest"] == upstream["output_digest"]]
+
+    rows = []
+    for score in entries["score"].values():
+        for prune in after("prune", score, "scores", "score"):
+            seed = prune["params"]["seed"]
+            for tuned in (m for m in after("finetune", prune, "student", "prune") if m["params"]["seed"] == seed):
+                for evaluation in after("evaluate", tuned, "student", "finetune"):
+                    teacher = entries["teacher"][prune["inputs"]["teacher"]]
+                    s = [m["summary"] for m in (teacher, score, prune, tuned, evaluation)]
+                    branch = {"criterion": score["params"]["criterion"], "thr": score["params"]["thr"],
+                              "target_macs": prune["params"]["target_macs"], "seed": seed}
+                    name = branch["criterion"] + (f"-thr{branch['thr']:g}" if branch["criterion"] == "diff-pruning"
+                                                  else "")
+                    rows.append({**headline(*s), **branch,
+                                 "label": f"{name}-macs{branch['target_macs']:g}-seed{seed}"})
+    if not rows:
+        raise SystemExit(f"{root}: no evaluated branch (no complete score → evaluate chain)")
+    return sorted(rows, key=lambda r: r["label"])
 
 
 def aggregate(rows: list[dict], steps: int) -> list[dict]:

@@ -206,7 +206,7 @@ class OrchestrationParams(_Strict):
     retries: int = Field(1, ge=0, description="re-runs after a transient failure (never after bad input)")
     retry_delay_s: float = Field(5.0, ge=0.0)
     task_runner: Literal["local", "dask"] = "local"
-    max_workers: int = Field(2, ge=1, description="branches run at once (local threads or Dask workers)")
+    max_workers: int = Field(2, ge=1, description="stages run at once (local: per flow process; dask: workers)")
 
     @model_validator(mode="after")
     def _known_stages(self) -> OrchestrationParams:

@@ -22,7 +22,7 @@ def run_settings(params: Params) -> dict:
     """The JSON-able settings every stage task receives (never part of a cache key)."""
     o = params.orchestration
     return {"store": str(Path(o.store).resolve()), "executor": o.executor, "timeouts_min": dict(o.timeouts_min),
-            "train_processes": o.train_processes}
+            "train_processes": o.train_processes, "max_workers": o.max_workers}
 
 
 def stage_params(params: Params, stage: str) -> dict:

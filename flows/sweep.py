@@ -24,12 +24,13 @@ from tasks import stages, store
 
 
 def branches(params: Params) -> list[dict]:
-    """Every (criterion, thr, target, seed) combination; thresholds apply to diff-pruning only."""
+    """Every (criterion, thr, target, seed) combination; thresholds apply to diff-pruning only.
+    Seeds vary slowest: a sweep stopped half-way has compared every method on the first seeds."""
     out = []
-    for criterion in params.sweep.criteria:
-        for thr in params.sweep.thresholds if criterion == "diff-pruning" else (params.score.thr,):
-            for target in params.sweep.target_macs:
-                for seed in params.sweep.seeds:
+    for seed in params.sweep.seeds:
+        for target in params.sweep.target_macs:
+            for criterion in params.sweep.criteria:
+                for thr in params.sweep.thresholds if criterion == "diff-pruning" else (params.score.thr,):
                     label = criterion + (f"-thr{thr:g}" if criterion == "diff-pruning" else "")
                     out.append({"criterion": criterion, "thr": thr, "target_macs": target, "seed": seed,
                                 "label": f"{label}-macs{target:g}-seed{seed}"})
@@ -114,8 +115,10 @@ def task_runner(params: Params):
 
         return DaskTaskRunner(cluster_kwargs={"n_workers": o.max_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": ":0"})
-    # Inline stages share this process (torch threads, accelerate's global state): one at a time.
-    return ThreadPoolTaskRunner(max_workers=o.max_workers if o.executor == "subprocess" else 1)
+    # A thread per task: waiting tasks hold their thread, so the pool must not be the cap on running
+    # stages; orchestration.max_workers caps those (tasks/execute.py), inline stages run one at a time.
+    n = len(branches(params))
+    return ThreadPoolTaskRunner(max_workers=3 * n + len(params.sweep.criteria) + len(params.sweep.thresholds))
 
 
 def sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:

@@ -8,6 +8,7 @@ runs as ``python -m diffprune <stage> ...``: on time-out its whole process group
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,11 +35,31 @@ class StageCrashed(DiffpruneError):
     exit_code = 1
 
 
-def run_cli(argv: list[str], executor: str, timeout_s: float | None, processes: int = 1) -> None:
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def _slot(limit: int | None) -> contextlib.AbstractContextManager:
+    """A process-wide cap on stages running at once. Prefect's thread pool resolves a task's upstream
+    futures inside the worker thread, so waiting tasks hold pool threads: the pool cannot be the cap."""
+    if not limit:
+        return contextlib.nullcontext()
+    with _slots_lock:
+        return _slots.setdefault(limit, threading.BoundedSemaphore(limit))
+
+
+def run_cli(argv: list[str], executor: str, timeout_s: float | None, processes: int = 1,
+            max_running: int | None = None) -> None:
     """Run ``diffprune <argv>``; raise one of the errors above on failure.
 
     ``processes`` > 1 runs it data-parallel under ``accelerate launch --multi_gpu`` (one process per GPU).
+    ``max_running`` caps how many stages this process runs at once (inline stages: always one).
     """
+    with _slot(1 if executor == "inline" else max_running):
+        _run(argv, executor, timeout_s, processes)
+
+
+def _run(argv: list[str], executor: str, timeout_s: float | None, processes: int) -> None:
     if processes > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
         _run_child([*launch, "-m", "diffprune", *argv], timeout_s, argv[0])

@@ -104,7 +104,7 @@ def run_stage(stage: str, params: dict, refs: dict[str, dict], run: dict) -> dic
             argv += ["--checkpoints", str(Path(run["store"]) / "_checkpoints" / stage)]
         timeout = run["timeouts_min"].get(stage)
         processes = run.get("train_processes", 1) if stage in TRAINS else 1
-        run_cli(argv, run["executor"], timeout * 60 if timeout else None, processes)
+        run_cli(argv, run["executor"], timeout * 60 if timeout else None, processes, run.get("max_workers"))
         return stage_summary(stage, scratch)
 
     record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": code_version(stage)}

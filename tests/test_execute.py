@@ -1,6 +1,7 @@
 """Stages run in a child process: time limits are enforced, bad input is not retried, crashes are reported."""
 
 import sys
+import threading
 import time
 
 import pytest
@@ -35,6 +36,29 @@ def test_only_crashes_are_retried():
     assert _transient(None, None, Failed(data=StageCrashed("killed")))
     assert not _transient(None, None, Failed(data=StageInputError("bad key")))
     assert not _transient(None, None, Failed(data=StageTimeout("too long")))
+
+
+@pytest.mark.parametrize(("executor", "cap", "expected"), [("subprocess", 2, 2), ("inline", 4, 1)])
+def test_stages_running_at_once_are_capped(monkeypatch, executor, cap, expected):
+    import tasks.execute as execute
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def stage(*_):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(execute, "_run", stage)
+    threads = [threading.Thread(target=run_cli, args=(["prune"], executor, None, 1, cap)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == expected
 
 
 @pytest.mark.slow

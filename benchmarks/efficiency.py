@@ -1,6 +1,7 @@
 """Efficiency of the built-in default: what the pruned model buys and what each stage costs.
 
     python benchmarks/efficiency.py            # ~12 minutes on 2 CPU cores (the Taylor pass is most of it)
+    python benchmarks/efficiency.py --cuda-only --batches 1 64 256 1024 4096   # latency, train step on a GPU
 
 1. sampling latency of teacher vs pruned (ratio 0.25) at several batch sizes, on CPU and on CUDA when
    present, as speed-up next to the MACs ratio (the ideal);
@@ -8,7 +9,7 @@
 3. training-step time, teacher vs pruned;
 4. peak resident memory of each stage (`diffprune <stage>` in its own process; short fine-tuning and
    evaluation, same batch sizes as the default, since memory follows the batch, not the step count).
-Writes benchmarks/results/efficiency.{json,md}.
+Writes benchmarks/results/efficiency.{json,md} (``--cuda-only``: efficiency_cuda.{json,md}).
 """
 
 from __future__ import annotations
@@ -48,20 +49,26 @@ def latency(teacher, pruned, batches: list[int], device: torch.device) -> list[d
     return rows
 
 
-def scoring(teacher, scheduler, x0: torch.Tensor) -> dict:
+def scoring(teacher, scheduler, x0: torch.Tensor, device: str = "cpu") -> dict:
     out = {}
     for name, criterion, thr in (("diff-pruning", "diff-pruning", 0.05), ("taylor", "taylor", 0.0)):
-        result = accumulate_gradients(copy.deepcopy(teacher), scheduler, [x0], criterion, thr)
+        result = accumulate_gradients(copy.deepcopy(teacher), scheduler, [x0], criterion, thr, device=device)
         out[name] = {"seconds": result.seconds, "timesteps": len(result.timesteps)}
     out["ratio"] = out["diff-pruning"]["seconds"] / out["taylor"]["seconds"]
     return out
 
 
-def train_step(model, scheduler, images: np.ndarray, steps: int) -> float:
+def train_step(model, scheduler, images: np.ndarray, steps: int, device: str = "cpu") -> float:
     with tempfile.TemporaryDirectory() as ckpt:
         result = train(copy.deepcopy(model), scheduler, images,
-                       TrainParams(steps=steps, batch_size=64, checkpoint_every=steps, device="cpu"), ckpt)
+                       TrainParams(steps=steps, batch_size=64, checkpoint_every=steps, device=device), ckpt)
     return result.seconds / steps
+
+
+def step_pair(teacher, pruned, scheduler, images: np.ndarray, steps: int, device: str = "cpu") -> dict:
+    step = {"teacher_s": train_step(teacher, scheduler, images, steps, device),
+            "pruned_s": train_step(pruned, scheduler, images, steps, device)}
+    return {**step, "speedup": step["teacher_s"] / step["pruned_s"]}
 
 
 def peak_memory(params_file: str) -> dict[str, float]:
@@ -94,6 +101,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="re-measure peak memory into an existing result")
+    ap.add_argument("--cuda-only", action="store_true", help="latency and training step on the GPU only")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     params = load_params(args.params)
@@ -110,18 +118,28 @@ def main() -> None:
     pruned = prune_unet(copy.deepcopy(teacher), params.prune.pruning_ratio or 0.25, "magnitude")
     (t_macs, t_params), (p_macs, p_params) = macs_and_params(teacher), macs_and_params(pruned)
     ideal = t_macs / p_macs
-    rows = latency(teacher, pruned, args.batches, torch.device("cpu"))
-    if torch.cuda.is_available():
-        rows += latency(teacher, pruned, args.batches, torch.device("cuda"))
-    teacher, pruned = teacher.cpu(), pruned.cpu()
     with tempfile.TemporaryDirectory() as tmp:
         prepare_dataset(params.data, Path(tmp) / "data")
         data = load_prepared(Path(tmp) / "data")
     order = np.random.default_rng(params.score.seed).permutation(len(data.train))[: params.score.batch_size]
     x0 = images_to_tensor(data.train[order])
-    step = {"teacher_s": train_step(teacher, scheduler, data.train, 12),
-            "pruned_s": train_step(pruned, scheduler, data.train, 12)}
-    step["speedup"] = step["teacher_s"] / step["pruned_s"]
+    if args.cuda_only:
+        if not torch.cuda.is_available():
+            raise SystemExit("--cuda-only: no CUDA device")
+        payload = {"macs": {"teacher": t_macs, "pruned": p_macs, "ideal_speedup": ideal},
+                   "params": {"teacher": t_params, "pruned": p_params},
+                   "latency": latency(teacher, pruned, args.batches, torch.device("cuda")),
+                   "train_step": step_pair(teacher, pruned, scheduler, data.train, 50, "cuda"),
+                   "scoring": scoring(teacher, scheduler, x0, "cuda")}
+        markdown = render(payload)
+        print(markdown)
+        save("efficiency_cuda", payload, markdown, args.out)
+        return
+    rows = latency(teacher, pruned, args.batches, torch.device("cpu"))
+    if torch.cuda.is_available():
+        rows += latency(teacher, pruned, args.batches, torch.device("cuda"))
+    teacher, pruned = teacher.cpu(), pruned.cpu()
+    step = step_pair(teacher, pruned, scheduler, data.train, 12)
     score = scoring(teacher, scheduler, x0)
     memory = {} if args.skip_memory else peak_memory(args.params)
     payload = {"macs": {"teacher": t_macs, "pruned": p_macs, "ideal_speedup": ideal},
@@ -140,13 +158,16 @@ def render(p: dict) -> str:
     for r in p["latency"]:
         lines.append(f"| {r['device']} | {r['batch']} | {r['teacher_s']:.4f} | {r['pruned_s']:.4f} | "
                      f"{r['speedup']:.2f}× | {p['macs']['ideal_speedup']:.2f}× |")
-    s, st = p["scoring"], p["train_step"]
-    lines += ["", f"Training step (batch 64): teacher {st['teacher_s']:.3f} s, pruned {st['pruned_s']:.3f} s "
-              f"({st['speedup']:.2f}×).",
-              f"Importance scoring (batch 32): diff-pruning {s['diff-pruning']['seconds']:.1f} s over "
+    st = p["train_step"]
+    lines += ["", f"Training step (batch 64): teacher {st['teacher_s']:.4f} s, pruned {st['pruned_s']:.4f} s "
+              f"({st['speedup']:.2f}×)."]
+    if "scoring" not in p:
+        return "\n".join(lines) + "\n"
+    s = p["scoring"]
+    lines += [f"Importance scoring (batch 32): diff-pruning {s['diff-pruning']['seconds']:.1f} s over "
               f"{s['diff-pruning']['timesteps']} timesteps, Taylor {s['taylor']['seconds']:.1f} s over "
               f"{s['taylor']['timesteps']}: ratio {s['ratio']:.2f}."]
-    if p["peak_rss_mb"]:
+    if p.get("peak_rss_mb"):
         lines += ["", "| stage | peak RSS (MB) |", "|---|---:|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in p["peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"

@@ -121,37 +121,52 @@ def aggregate(rows: list[dict], steps: int) -> list[dict]:
 
 
 def render(table: list[dict], rows: list[dict]) -> str:
-    lines = ["| method | MACs target | params | MACs | FID (mean ± sd over seeds) | SSIM to teacher | fine-tune steps "
-             "| timesteps scored | score s | fine-tune s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | MACs target | params | MACs | FID (mean ± sd over seeds) | FID per seed | SSIM to teacher "
+             "| fine-tune steps | timesteps scored | score s | fine-tune s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in table:
         visited = t.get("timesteps_visited")
         lines.append(
             f"| {t['method']} | {t['target_macs']:g} | {t['params'] / 1e6:.3f} M | {t['macs'] / 1e6:.2f} M | "
-            f"{t['fid']:.3f} ± {t['fid_std']:.3f} | {t['ssim']:.3f} ± {t['ssim_std']:.3f} | {t['steps'] or '–'} | "
-            f"{visited if visited else '–'} | {t.get('score_s', 0):.1f} | {t.get('finetune_s', 0):.1f} |")
+            f"{t['fid']:.3f} ± {t['fid_std']:.3f} | {' / '.join(f'{x:.3f}' for x in t.get('fid_per_seed', []))} | "
+            f"{t['ssim']:.3f} ± {t['ssim_std']:.3f} | {t['steps'] or '–'} | "
+            f"{visited if visited else '–'} | {_seconds(t.get('score_s'))} | {_seconds(t.get('finetune_s'))} |")
     failed = [r for r in rows if "error" in r]
     lines += [f"- {r['label']}: failed in {r['failed_stage']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
+def _seconds(x: float | None) -> str:
+    return f"{x:.1f}" if x else "–"
+
+
 def pareto(table: list[dict], path: Path) -> None:
+    """FID vs MACs, one colour per method joined across MACs targets; right panel zoomed on the pruned
+    methods (scratch training sits far above them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=130)
-    for t in table:
-        ax.errorbar(t["macs"] / 1e6, t["fid"], yerr=t["fid_std"], fmt="o", capsize=3, label=
-                    f"{t['method']} ({t['target_macs']:g})")
-    ax.set_xlabel("MACs per denoising step (M)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title("FID vs MACs")
-    ax.legend(fontsize=6, ncol=2)
+    methods = list(dict.fromkeys(t["method"] for t in table))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=130)
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for i, method in enumerate(methods):
+            pts = sorted((t for t in table if t["method"] == method), key=lambda t: t["macs"])
+            if zoom and method == "reinit":
+                continue
+            shift = 0.0 if method == "teacher" else 0.25 * (i - len(methods) / 2)  # spread shared MACs values
+            xs = [t["macs"] / 1e6 + shift for t in pts]
+            ax.errorbar(xs, [t["fid"] for t in pts], yerr=[t["fid_std"] for t in pts], fmt="o-", ms=4, lw=1,
+                        capsize=2, color=colours[method], label=method)
+        ax.set_xlabel("MACs per denoising call (M)")
+        ax.set_title("pruned methods (zoom)" if zoom else "FID vs MACs (mean ± sd over seeds)")
+    axes[0].set_ylabel("FID (lower is better)")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,8 @@
 Diff-Pruning at several thresholds, at two MACs targets, the same fine-tuning budget, several seeds.
 
     python benchmarks/methods.py                      # the default params.yaml; ~4 h on 2 CPU cores
-    python benchmarks/methods.py --workers 4          # what produced the committed results (one GPU)
-
+    python benchmarks/methods.py --workers 12 --set tracking.enabled=false   # the committed results: one H200,
+                                                                              # 6.5 min (12 stages share the GPU)
     python benchmarks/methods.py --from-store artifacts/store   # tables from finished branches only
 
 Writes benchmarks/results/methods.{json,md} and methods_pareto.png (FID vs MACs). ``--from-store`` reads

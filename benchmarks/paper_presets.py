@@ -1,13 +1,17 @@
 """The paper-scale presets (presets/*.yaml): what they run, and a CPU check of their real architectures.
 
     python benchmarks/paper_presets.py --check            # both presets, ~2 minutes on 2 CPU cores
+    python benchmarks/paper_presets.py --time cuda        # a GPU's step times → expected GPU hours
 
 The check builds each preset's teacher architecture with random weights, scores a few timesteps, prunes
 at the preset's ratio, runs two training and two sampling steps of the pruned model, and compares params
 and MACs before and after pruning with the paper's tables (within 1 %). The full runs need a GPU:
     diffprune run --params presets/cifar10.yaml
     # several GPUs: --set orchestration.train_processes=8 (accelerate launch --multi_gpu for teacher/finetune)
-Writes benchmarks/results/paper_presets.{json,md}.
+``--time`` measures, with random weights of the real architectures, the pruned model's training step at
+the preset's batch and precision and the denoising call of teacher and pruned model (speed-up next to
+the MACs ratio), and extrapolates the preset's fine-tuning and 50K-sample evaluation time.
+Writes benchmarks/results/paper_presets.{json,md} (``--time``: paper_presets_time.{json,md}).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from benchmarks.common import RESULTS, save
 from diffprune.config import TrainParams, load_params
 from diffprune.importance import accumulate_gradients
-from diffprune.metrics import macs_and_params
+from diffprune.metrics import latency_pair, macs_and_params
 from diffprune.models import build_unet, make_scheduler
 from diffprune.pruning import prune_unet
 from diffprune.sampling import sample
@@ -66,6 +70,47 @@ def check(name: str) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def timing(name: str, device: str) -> dict:
+    """Seconds per training step and per denoising call on ``device``; the preset's GPU hours from them."""
+    params = load_params(PRESETS / f"{name}.yaml")
+    res, ch, ft, ev = params.data.resolution, params.data.n_channels, params.finetune, params.evaluate
+    torch.manual_seed(0)
+    teacher = build_unet(params.teacher.architecture, res, ch)
+    pruned = prune_unet(build_unet(params.teacher.architecture, res, ch), params.prune.pruning_ratio, "magnitude")
+    (macs0, _), (macs1, _) = macs_and_params(teacher), macs_and_params(pruned)
+    images = np.random.default_rng(0).integers(0, 256, (4 * ft.batch_size, res, res, ch), dtype=np.uint8)
+    spent = {}
+    for steps in (10, 40):  # the difference cancels set-up, first-step compilation and the final checkpoint
+        with tempfile.TemporaryDirectory() as ckpt:
+            tp = TrainParams(steps=steps, batch_size=ft.batch_size, lr=ft.lr, mixed_precision=ft.mixed_precision,
+                             ema_decay=ft.ema_decay, checkpoint_every=steps, device=device)
+            spent[steps] = train(pruned, make_scheduler(params.teacher.num_train_timesteps), images, tp,
+                                 ckpt).seconds
+    step_s = (spent[40] - spent[10]) / 30
+    calls = {b: latency_pair({"teacher": teacher, "pruned": pruned}, b, steps=10, repeats=3,
+                             device=torch.device(device)) for b in (ft.batch_size, ev.batch_size)}
+    call_s = calls[ev.batch_size]["pruned"] / 10
+    return {"preset": name, "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
+            "batch": ft.batch_size, "mixed_precision": ft.mixed_precision, "train_step_s": step_s,
+            "latency": {b: {**v, "speedup": v["teacher"] / v["pruned"]} for b, v in calls.items()},
+            "macs_ratio": macs1 / macs0, "ideal_speedup": macs0 / macs1,
+            "finetune_hours": ft.steps * step_s / 3600,
+            "sampling_hours": ev.n_samples / ev.batch_size * ev.steps * call_s / 3600,
+            "finetune_steps": ft.steps, "n_samples": ev.n_samples, "sampler_steps": ev.steps}
+
+
+def render_timing(rows: list[dict]) -> str:
+    lines = ["| preset | device | train step (batch, precision) | fine-tuning | denoising speed-up (batch) | "
+             "ideal (MACs) | 50K-sample evaluation |", "|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        speedups = ", ".join(f"{v['speedup']:.2f}× ({b})" for b, v in r["latency"].items())
+        lines.append(f"| {r['preset']} | {r['device']} | {1000 * r['train_step_s']:.1f} ms ({r['batch']}, "
+                     f"{r['mixed_precision']}) | {r['finetune_hours']:.1f} h for {r['finetune_steps']:,} steps | "
+                     f"{speedups} | {r['ideal_speedup']:.2f}× | {60 * r['sampling_hours']:.0f} min "
+                     f"(DDIM-{r['sampler_steps']}) |")
+    return "\n".join(lines) + "\n"
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| preset | ratio | params before → after | paper | MACs before → after | paper | within 1 % |",
              "|---|---:|---|---|---|---|---|"]
@@ -80,9 +125,16 @@ def render(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="build, score, prune, train and sample on CPU")
+    ap.add_argument("--time", choices=["cpu", "cuda"], help="time training and sampling steps on this device")
     ap.add_argument("presets", nargs="*", default=sorted(PAPER))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.time:
+        rows = [timing(name, args.time) for name in args.presets]
+        markdown = render_timing(rows)
+        print(markdown)
+        save("paper_presets_time", {"rows": rows}, markdown, args.out)
+        return 0
     if not args.check:
         for name in args.presets:
             print(f"{name}: diffprune run --params presets/{name}.yaml")

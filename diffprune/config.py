@@ -281,6 +281,9 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raise DiffpruneError(f"{source}: {_describe(exc)}") from None
 
 
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
@@ -291,6 +294,9 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise DiffpruneError(f"--set {item!r}: {part} is not a group")
+    if value.strip().lower() in _YAML11_BOOLS:  # `mixed_precision=no` means the string; bool fields accept it too
+        node[parts[-1]] = value.strip()
+        return
     try:
         node[parts[-1]] = yaml.safe_load(value)
     except yaml.YAMLError:

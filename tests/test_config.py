@@ -15,6 +15,12 @@ def test_override_sets_nested_keys(tmp_path):
     assert p.teacher.architecture.block_out_channels == (16, 32)
 
 
+def test_override_words_yaml_1_1_reads_as_booleans_stay_strings():
+    p = load_params(None, ["finetune.mixed_precision=no", "finetune.distill=no", "finetune.flip=on"])
+    assert p.finetune.mixed_precision == "no"
+    assert p.finetune.distill is False and p.finetune.flip is True
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [

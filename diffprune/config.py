@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -263,7 +264,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     source = str(path) if path else "<defaults>"
     if path is not None and Path(path).exists():
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = _load_yaml(Path(path).read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise DiffpruneError(f"{source}: not valid YAML ({first})") from None
@@ -281,7 +282,20 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raise DiffpruneError(f"{source}: {_describe(exc)}") from None
 
 
-_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (only true/false), as DVC reads params.yaml: YAML 1.1 turns
+    ``mixed_precision: no`` into False. Bool fields still accept yes/no/on/off (pydantic coerces)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: plain data only
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -294,11 +308,8 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise DiffpruneError(f"--set {item!r}: {part} is not a group")
-    if value.strip().lower() in _YAML11_BOOLS:  # `mixed_precision=no` means the string; bool fields accept it too
-        node[parts[-1]] = value.strip()
-        return
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _load_yaml(value)
     except yaml.YAMLError:
         raise DiffpruneError(f"--set {item!r}: value is not valid YAML") from None
 

@@ -15,10 +15,14 @@ def test_override_sets_nested_keys(tmp_path):
     assert p.teacher.architecture.block_out_channels == (16, 32)
 
 
-def test_override_words_yaml_1_1_reads_as_booleans_stay_strings():
+def test_override_words_yaml_1_1_reads_as_booleans_stay_strings(tmp_path):
     p = load_params(None, ["finetune.mixed_precision=no", "finetune.distill=no", "finetune.flip=on"])
     assert p.finetune.mixed_precision == "no"
     assert p.finetune.distill is False and p.finetune.flip is True
+    path = tmp_path / "params.yaml"
+    path.write_text("finetune:\n  mixed_precision: no\n  distill: off\n  flip: yes\n")
+    p = load_params(path)
+    assert p.finetune.mixed_precision == "no" and p.finetune.distill is False and p.finetune.flip is True
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,8 @@ def main() -> None:
     teacher, scheduler = load_pretrained(str(BUILTIN_TEACHER))
     pruned = prune_unet(copy.deepcopy(teacher), params.prune.pruning_ratio or 0.25, "magnitude")
     (t_macs, t_params), (p_macs, p_params) = macs_and_params(teacher), macs_and_params(pruned)
-    ideal = t_macs / p_macs
+    sizes = {"macs": {"teacher": t_macs, "pruned": p_macs, "ideal_speedup": t_macs / p_macs},
+             "params": {"teacher": t_params, "pruned": p_params}}
     with tempfile.TemporaryDirectory() as tmp:
         prepare_dataset(params.data, Path(tmp) / "data")
         data = load_prepared(Path(tmp) / "data")
@@ -126,9 +127,7 @@ def main() -> None:
     if args.cuda_only:
         if not torch.cuda.is_available():
             raise SystemExit("--cuda-only: no CUDA device")
-        payload = {"macs": {"teacher": t_macs, "pruned": p_macs, "ideal_speedup": ideal},
-                   "params": {"teacher": t_params, "pruned": p_params},
-                   "latency": latency(teacher, pruned, args.batches, torch.device("cuda")),
+        payload = {**sizes, "latency": latency(teacher, pruned, args.batches, torch.device("cuda")),
                    "train_step": step_pair(teacher, pruned, scheduler, data.train, 50, "cuda"),
                    "scoring": scoring(teacher, scheduler, x0, "cuda")}
         markdown = render(payload)
@@ -142,8 +141,7 @@ def main() -> None:
     step = step_pair(teacher, pruned, scheduler, data.train, 12)
     score = scoring(teacher, scheduler, x0)
     memory = {} if args.skip_memory else peak_memory(args.params)
-    payload = {"macs": {"teacher": t_macs, "pruned": p_macs, "ideal_speedup": ideal},
-               "params": {"teacher": t_params, "pruned": p_params}, "latency": rows, "train_step": step,
+    payload = {**sizes, "latency": rows, "train_step": step,
                "scoring": score, "peak_rss_mb": memory, "torch_threads": torch.get_num_threads()}
     markdown = render(payload)
     print(markdown)

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--thresholds", nargs="+", type=float, default=[0.0, 0.02, 0.05])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.35], help="fractions of the teacher's MACs")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--workers", type=int, default=2, help="branches at once (each stage is its own process)")
+    ap.add_argument("--workers", type=int, default=2, help="stages running at once (each its own process)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--from-store", type=Path, help="aggregate the evaluated branches of this store; run nothing")
@@ -68,7 +68,7 @@ def rows_from_store(root: Path) -> list[dict]:
     """One row per evaluated branch, from the stage manifests alone (no weights needed). Walks forward
     from each score entry by output digest: two branches whose pruned models came out identical share
     one fine-tuning entry, which records only the first branch as its input."""
-    from diffprune.report import headline
+    from diffprune.report import branch_label, headline
 
     entries = {stage: {m["key"]: m for m in (json.loads(p.read_text()) for p in root.glob(f"{stage}/*/manifest.json"))}
                for stage in ("teacher", "score", "prune", "finetune", "evaluate")}
@@ -87,10 +87,7 @@ def rows_from_store(root: Path) -> list[dict]:
                     s = [m["summary"] for m in (teacher, score, prune, tuned, evaluation)]
                     branch = {"criterion": score["params"]["criterion"], "thr": score["params"]["thr"],
                               "target_macs": prune["params"]["target_macs"], "seed": seed}
-                    name = branch["criterion"] + (f"-thr{branch['thr']:g}" if branch["criterion"] == "diff-pruning"
-                                                  else "")
-                    rows.append({**headline(*s), **branch,
-                                 "label": f"{name}-macs{branch['target_macs']:g}-seed{seed}"})
+                    rows.append({**headline(*s), **branch, "label": branch_label(**branch)})
     if not rows:
         raise SystemExit(f"{root}: no evaluated branch (no complete score → evaluate chain)")
     return sorted(rows, key=lambda r: r["label"])

@@ -32,6 +32,12 @@ def headline(teacher: dict, score: dict, prune: dict, finetune: dict, evaluate: 
     }
 
 
+def branch_label(criterion: str, thr: float, target_macs: float, seed: int) -> str:
+    """A sweep branch's name: the threshold shows only where it changes the method (diff-pruning)."""
+    method = criterion + (f"-thr{thr:g}" if criterion == "diff-pruning" else "")
+    return f"{method}-macs{target_macs:g}-seed{seed}"
+
+
 def _num(x, digits: int = 3) -> str:
     if x is None:
         return "–"

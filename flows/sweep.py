@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from diffprune.atomic import atomic_file, write_json
 from diffprune.config import Params, load_params
-from diffprune.report import comparison
+from diffprune.report import branch_label, comparison
 from flows.steps import Steps, publish_grids, publish_table, stage_params, summary_of
 from tasks import stages, store
 
@@ -31,9 +31,8 @@ def branches(params: Params) -> list[dict]:
         for target in params.sweep.target_macs:
             for criterion in params.sweep.criteria:
                 for thr in params.sweep.thresholds if criterion == "diff-pruning" else (params.score.thr,):
-                    label = criterion + (f"-thr{thr:g}" if criterion == "diff-pruning" else "")
                     out.append({"criterion": criterion, "thr": thr, "target_macs": target, "seed": seed,
-                                "label": f"{label}-macs{target:g}-seed{seed}"})
+                                "label": branch_label(criterion, thr, target, seed)})
     return out
 
 

@@ -32,10 +32,12 @@ from benchmarks.common import RESULTS, save
 from diffprune.config import TrainParams, load_params
 from diffprune.data import load_prepared, prepare_dataset
 from diffprune.importance import accumulate_gradients
-from diffprune.metrics import latency_pair, macs_and_params
+from diffprune.macs import macs_and_params
+from diffprune.metrics import latency_pair
 from diffprune.models import BUILTIN_TEACHER, load_pretrained
 from diffprune.pruning import prune_unet
-from diffprune.training import images_to_tensor, train
+from diffprune.tensors import images_to_tensor
+from diffprune.training import train
 
 STAGES = ("prepare", "teacher", "score", "prune", "finetune", "evaluate")
 

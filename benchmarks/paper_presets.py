@@ -30,7 +30,8 @@ import torch
 from benchmarks.common import RESULTS, save
 from diffprune.config import TrainParams, load_params
 from diffprune.importance import accumulate_gradients
-from diffprune.metrics import latency_pair, macs_and_params
+from diffprune.macs import macs_and_params
+from diffprune.metrics import latency_pair
 from diffprune.models import build_unet, make_scheduler
 from diffprune.pruning import prune_unet
 from diffprune.sampling import sample

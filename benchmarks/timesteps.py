@@ -28,7 +28,7 @@ from diffprune.metrics import ssim
 from diffprune.models import BUILTIN_TEACHER, load_pretrained
 from diffprune.pruning import prune_unet
 from diffprune.sampling import sample
-from diffprune.training import images_to_tensor
+from diffprune.tensors import images_to_tensor
 
 
 def main() -> None:

@@ -7,11 +7,17 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffprune import criteria
 from diffprune.errors import DiffpruneError
+from diffprune.stage_table import NAMES as STAGE_NAMES
+from diffprune.stage_table import STAGES
 
-STAGES = ("prepare", "teacher", "score", "prune", "finetune", "evaluate", "register")
+Criterion = Literal[criteria.NAMES]
+# Flags declared on fields (``json_schema_extra``): read by the cache key and the training resume check.
+NOT_KEYED = {"cache_key": False}  # where things are kept, not what is computed: not part of a cache key
+RESUMABLE = {"resumable": True}  # run length: may change between a run and its resumption
 
 
 class _Strict(BaseModel):
@@ -44,7 +50,7 @@ class DataParams(_Strict):
 class TrainParams(_Strict):
     """The one training loop: teacher training and fine-tuning of pruned models."""
 
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(1000, ge=1, json_schema_extra=RESUMABLE)
     batch_size: int = Field(64, ge=1, description="per process")
     lr: float = Field(2e-4, gt=0.0, le=1.0)
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -57,9 +63,9 @@ class TrainParams(_Strict):
     flip: bool = Field(False, description="random horizontal flips (not for digits)")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
-    checkpoint_every: int = Field(250, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(250, ge=1, json_schema_extra=RESUMABLE)
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
+    log_every: int = Field(10, ge=1, json_schema_extra=RESUMABLE)
     seed: int = 0
 
 
@@ -111,7 +117,7 @@ class TeacherParams(_Strict):
 class ScoreParams(_Strict):
     """Importance scoring (stage ``score``): the gradient pass of Diff-Pruning / Taylor."""
 
-    criterion: Literal["diff-pruning", "taylor", "magnitude", "random", "reinit"] = "diff-pruning"
+    criterion: Criterion = "diff-pruning"
     thr: float = Field(0.05, ge=0.0, lt=1.0, description="diff-pruning: stop once loss < thr × max loss")
     batch_size: int = Field(64, ge=1, description="images in the fixed batch x0")
     n_batches: int = Field(1, ge=1, description="batches averaged per timestep")
@@ -154,9 +160,11 @@ class EvaluateParams(_Strict):
     n_samples: int | None = Field(None, ge=2, description="images per seed; default the held-out count")
     batch_size: int = Field(256, ge=1)
     fid_extractor: Literal["auto", "inception", "classifier"] = "auto"
-    inception_path: str = Field("/tmp/inception-2015-12-05.pt", description="clean-fid's weight file")
+    inception_path: str = Field("/tmp/inception-2015-12-05.pt", description="clean-fid's weight file",
+                                json_schema_extra=NOT_KEYED)
     extractor: ExtractorParams = ExtractorParams()
-    cache_dir: str = Field("artifacts/fid", description="extractors and reference statistics")
+    cache_dir: str = Field("artifacts/fid", description="extractors and reference statistics",
+                           json_schema_extra=NOT_KEYED)
     latency_batch: int = Field(64, ge=1)
     latency_steps: int = Field(10, ge=1)
     latency_repeats: int = Field(3, ge=1)
@@ -200,30 +208,29 @@ class OrchestrationParams(_Strict):
     executor: Literal["subprocess", "inline"] = Field(
         "subprocess", description="subprocess: each stage in its own process, so its timeout is enforced")
     timeouts_min: dict[str, float] = Field(
-        default_factory=lambda: {"prepare": 30, "teacher": 720, "score": 120, "prune": 30, "finetune": 720,
-                                 "evaluate": 240, "register": 30},
-        description="wall-clock limit per stage, minutes")
+        default_factory=lambda: {s.name: s.timeout_min for s in STAGES.values()},
+        description="wall-clock limit per stage, minutes (a stage left out keeps its stage-table limit)")
     train_processes: int = Field(1, ge=1, description="teacher/finetune: >1 launches `accelerate launch --multi_gpu`")
     retries: int = Field(1, ge=0, description="re-runs after a transient failure (never after bad input)")
     retry_delay_s: float = Field(5.0, ge=0.0)
     task_runner: Literal["local", "dask"] = "local"
     max_workers: int = Field(2, ge=1, description="stages run at once (local: per flow process; dask: workers)")
 
-    @model_validator(mode="after")
-    def _known_stages(self) -> OrchestrationParams:
-        for stage, minutes in self.timeouts_min.items():
+    @field_validator("timeouts_min")
+    @classmethod
+    def _every_stage_limited(cls, given: dict[str, float]) -> dict[str, float]:
+        for stage, minutes in given.items():
             if stage not in STAGES:
-                raise ValueError(f"timeouts_min.{stage}: unknown stage (expected one of {', '.join(STAGES)})")
+                raise ValueError(f"timeouts_min.{stage}: unknown stage (expected one of {', '.join(STAGE_NAMES)})")
             if minutes <= 0:
                 raise ValueError(f"timeouts_min.{stage}: must be positive")
-        return self
+        return {s.name: given.get(s.name, s.timeout_min) for s in STAGES.values()}
 
 
 class SweepParams(_Strict):
     """The sweep flow: criteria × MACs targets × seeds, sharing the prepared data and the teacher."""
 
-    criteria: tuple[Literal["diff-pruning", "taylor", "magnitude", "random", "reinit"], ...] = Field(
-        ("diff-pruning", "taylor", "magnitude", "random", "reinit"), min_length=1)
+    criteria: tuple[Criterion, ...] = Field(criteria.NAMES, min_length=1)
     thresholds: tuple[float, ...] = Field((0.05,), min_length=1, description="diff-pruning thresholds to try")
     target_macs: tuple[float, ...] = Field((0.6,), min_length=1, description="fractions of the teacher's MACs")
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="pruning + fine-tuning seeds per branch")
@@ -256,6 +263,26 @@ class Params(_Strict):
     schedule: ScheduleParams = ScheduleParams()
     orchestration: OrchestrationParams = OrchestrationParams()
     sweep: SweepParams = SweepParams()
+
+
+def group_model(stage: str) -> type[BaseModel]:
+    """The params model of a stage's group."""
+    return Params.model_fields[STAGES[stage].group].annotation
+
+
+def _flagged(model: type[BaseModel], flag: str, value: bool) -> frozenset[str]:
+    return frozenset(name for name, f in model.model_fields.items()
+                     if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(flag) == value)
+
+
+def unkeyed_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Fields that say where things are kept, not what is computed: left out of cache keys."""
+    return _flagged(model, "cache_key", False)
+
+
+def resumable_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Fields that may change between a training run and its resumption (run length, bookkeeping)."""
+    return _flagged(model, "resumable", True)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:

@@ -18,22 +18,17 @@ import torch
 from diffprune.atomic import atomic_dir, atomic_file
 from diffprune.config import EvaluateParams
 from diffprune.data import Prepared
+from diffprune.devices import resolve_device
+from diffprune.macs import macs_and_params
 from diffprune.metrics import (
     FidReference,
     fid_reference,
     latency_pair,
-    macs_and_params,
     real_floor,
     ssim,
 )
 from diffprune.models import model_hash
 from diffprune.sampling import grid, paired_grid, sample, save_pngs
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def sample_set(unet, scheduler, weights_hash: str, n: int, seed: int, params: EvaluateParams,

@@ -1,27 +1,34 @@
 """Content fingerprints: what a stage's cache key is made of (its params, its inputs' content, its code).
 
-The Prefect tasks key their cache on these; ``dvc.yaml`` lists the same code files as stage deps
-(a test keeps the two in step). Paths never enter a key, only content.
+A stage's code version covers what it runs and nothing more: its function in ``stages.py`` (and the
+private helpers it calls), the import closure of the modules those use, the source of its own params
+models, and the versions of the libraries that can change its numbers. ``config.py`` as a whole is
+not part of it — params enter a key by value — so editing the cron default re-runs nothing. The
+generated ``dvc.yaml`` lists the same files as each stage's deps. Paths never enter a key, only content.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
+import inspect
 import json
+from collections.abc import Iterable
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from diffprune import config
 from diffprune.atomic import sha256_file
 
-PACKAGE = Path(__file__).parent
-
-# Stages without an entry function in ``stages.py``: the modules they call directly.
-STAGE_MODULES = {"register": ("promotion", "report")}
-# Orchestration-edge code a stage also runs (registration talks to MLflow, so it lives in tasks/).
-EDGE_FILES = {"register": ("tasks/registry.py", "tasks/mlflow_model.py")}
+PACKAGE = Path(__file__).resolve().parent
+PROJECT = PACKAGE.parent
+# Params enter a key by value and each stage hashes its own params models' source (below).
+NOT_CODE = frozenset({"diffprune.config"})
 # Libraries whose version can change a stage's numbers.
 LIBRARIES = ("torch", "diffusers", "torch-pruning", "clean-fid", "accelerate", "numpy")
 
@@ -43,19 +50,46 @@ def dir_digest(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
+@cache
+def module_file(module: str) -> Path | None:
+    """The source file of a ``diffprune`` module, found without importing it (``None``: not a module)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).resolve() if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
 def _imports(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    """The project modules that ``module`` imports (``from pkg import name`` of a non-module: ``pkg``)."""
+    tree = ast.parse(module_file(module).read_text())
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffprune"):
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:  # ``from diffprune import paths``
-                found.update(alias.name for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "diffprune":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if module_file(sub) else node.module)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("diffprune."))
-    return {m for m in found if (PACKAGE / f"{m}.py").is_file()}
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "diffprune")
+    return {m for m in found if m not in NOT_CODE and module_file(m)}
+
+
+def module_closure(modules: Iterable[str]) -> tuple[str, ...]:
+    """The project files of ``modules`` and everything they import from the project, relative to it."""
+    todo, seen = [m for m in modules if m not in NOT_CODE], set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imports(module) - seen)
+    return tuple(sorted(_relative(module_file(m)) for m in seen))
+
+
+def _relative(file: Path) -> str:
+    try:
+        return file.relative_to(PROJECT).as_posix()
+    except ValueError:  # installed outside the project (a wheel): the file's path is still unique
+        return file.as_posix()
 
 
 @cache
@@ -68,8 +102,11 @@ def _entry(stage: str) -> tuple[frozenset[str], str]:
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffprune"):
             for alias in node.names:
-                imported[alias.asname or alias.name] = node.module.split(".")[1] if "." in node.module else alias.name
+                sub = f"{node.module}.{alias.name}"
+                imported[alias.asname or alias.name] = sub if module_file(sub) else node.module
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    if stage not in functions:
+        raise KeyError(f"stages.py has no function {stage!r}")
     todo, seen_fns, modules = [stage], set(), set()
     while todo:
         name = todo.pop()
@@ -88,24 +125,35 @@ def _entry(stage: str) -> tuple[frozenset[str], str]:
 
 @cache
 def code_files(stage: str) -> tuple[str, ...]:
-    """The package files (relative to the project) whose code the stage runs: the import closure of the
-    modules its entry function uses."""
-    todo, seen = list(STAGE_MODULES.get(stage) or _entry(stage)[0]), set()
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo.extend(_imports(module) - seen)
-    return tuple(sorted(f"diffprune/{m}.py" for m in seen)) + EDGE_FILES.get(stage, ())
+    """The project files whose code a library stage runs: the import closure of its function's modules."""
+    return module_closure(_entry(stage)[0])
+
+
+def params_source(model: type[BaseModel]) -> str:
+    """The source of a params model, its bases and the models of its fields: what shapes its values."""
+    seen: dict[str, str] = {}
+
+    def visit(cls) -> None:
+        for klass in cls.__mro__:
+            if issubclass(klass, BaseModel) and klass.__module__ == config.__name__ and klass.__name__ not in seen:
+                seen[klass.__name__] = inspect.getsource(klass)
+                for field in klass.model_fields.values():
+                    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                        visit(field.annotation)
+
+    visit(model)
+    return "\n".join(seen[k] for k in sorted(seen))
 
 
 @cache
-def code_version(stage: str) -> str:
-    """Hash of the stage's entry function, its code files and the library versions."""
-    h = hashlib.sha256(_entry(stage)[1].encode() if stage not in STAGE_MODULES else b"")
-    for rel in code_files(stage):
-        file = PACKAGE.parent / rel
+def code_version(stage: str, modules: tuple[str, ...] | None = None) -> str:
+    """Hash of what ``stage`` runs: a library stage's function and closure, or (a stage of the
+    orchestration layer) the closure of ``modules``; plus its params models' source and library versions."""
+    h = hashlib.sha256(_entry(stage)[1].encode() if modules is None else b"")
+    for rel in code_files(stage) if modules is None else module_closure(modules):
+        file = PROJECT / rel
         h.update(rel.encode() + b"\0" + (file.read_bytes() if file.is_file() else b"missing"))
+    h.update(params_source(config.group_model(stage)).encode())
     h.update(json.dumps(library_versions(), sort_keys=True).encode())
     return h.hexdigest()[:16]
 

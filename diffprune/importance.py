@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from diffprune.criteria import criterion as criterion_row
 from diffprune.seeding import derive_seed
-
-GRADIENT_CRITERIA = ("diff-pruning", "taylor")
 
 
 @dataclass
@@ -53,7 +52,7 @@ def accumulate_gradients(
         gen = torch.Generator().manual_seed(derive_seed(seed, b))
         noises.append(torch.randn(x0.shape, generator=gen).to(device))
     batches = [x.to(device) for x in batches]
-    stop = thr if criterion == "diff-pruning" else 0.0
+    stop = thr if criterion_row(criterion).uses_threshold else 0.0
     visited, losses, loss_max = [], [], 0.0
     start = time.perf_counter()
     bar = tqdm(range(T), desc=f"score {criterion}", disable=not progress, unit="t", leave=False)

@@ -133,17 +133,6 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> 
     return s.flatten(1).mean(1).numpy()
 
 
-def macs_and_params(unet: torch.nn.Module) -> tuple[int, int]:
-    """MACs of one UNet forward at batch 1 and native resolution (as the paper), and parameter count."""
-    import torch_pruning as tp
-
-    cfg = unet.config
-    device = next(unet.parameters()).device
-    x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
-    macs, params = tp.utils.count_ops_and_params(unet, (x, torch.ones(1, dtype=torch.long, device=device)))
-    return int(macs), int(params)
-
-
 @torch.no_grad()
 def latency_pair(models: dict[str, torch.nn.Module], batch: int, steps: int, repeats: int,
                  device: torch.device) -> dict[str, float]:

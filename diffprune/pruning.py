@@ -21,17 +21,9 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from diffprune.criteria import criterion as criterion_row
 from diffprune.errors import DiffpruneError
-from diffprune.importance import GRADIENT_CRITERIA
-from diffprune.metrics import macs_and_params
-
-IMPORTANCE = {
-    "diff-pruning": lambda: tp.importance.TaylorImportance(multivariable=False),
-    "taylor": lambda: tp.importance.TaylorImportance(multivariable=True),
-    "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
-    "random": lambda: tp.importance.RandomImportance(),
-    "reinit": lambda: tp.importance.RandomImportance(),
-}
+from diffprune.macs import macs_and_params
 
 
 def prune_unet(
@@ -48,7 +40,7 @@ def prune_unet(
     if grads is not None:
         for name, p in unet.named_parameters():
             p.grad = grads[name].to(p.device, p.dtype) if name in grads else None
-    if criterion in GRADIENT_CRITERIA and grads is None:
+    if criterion_row(criterion).needs_gradients and grads is None:
         raise DiffpruneError(f"criterion {criterion!r} needs the gradients of the score stage")
     graph, plans = plan_pruning(unet, ratio, criterion, seed)
     for module, handler, idxs in plans:
@@ -64,7 +56,7 @@ def plan_pruning(unet: UNet2DModel, ratio: float, criterion: str, seed: int = 0)
 
     Scores for every group are computed before anything is pruned; gradients must already sit in ``.grad``.
     """
-    importance = IMPORTANCE[criterion]()
+    importance = criterion_row(criterion).importance()
     cfg = unet.config
     device = next(unet.parameters()).device
     example = {

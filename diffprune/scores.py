@@ -10,8 +10,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from diffprune.atomic import atomic_file
+from diffprune.criteria import CRITERIA
 from diffprune.errors import DiffpruneError
-from diffprune.importance import GRADIENT_CRITERIA
 
 
 def write_loss_over_t(timesteps: list[int], losses: list[float], path: Path) -> None:
@@ -31,7 +31,8 @@ def read_scores(scores_dir: str | Path, teacher_hash: str) -> dict:
         raise DiffpruneError(f"{meta_path}: missing or unreadable; run `diffprune score` first") from None
     if meta.get("teacher") != teacher_hash:
         raise DiffpruneError(f"{meta_path}: scores belong to another teacher; re-run `diffprune score`")
-    if meta.get("criterion") in GRADIENT_CRITERIA:
+    row = CRITERIA.get(meta.get("criterion"))
+    if row is not None and row.needs_gradients:
         grads_path = scores_dir / "gradients.safetensors"
         try:
             meta["gradients"] = load_file(grads_path)

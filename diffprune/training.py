@@ -30,13 +30,11 @@ from tqdm.auto import tqdm
 
 from diffprune.atomic import atomic_file
 from diffprune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from diffprune.config import TrainParams
+from diffprune.config import TrainParams, resumable_fields
 from diffprune.errors import DiffpruneError
 from diffprune.models import model_hash
 from diffprune.seeding import derive_seed
-
-# Run-length knobs that may change between a run and its resumption without changing its result.
-_RESUMABLE_KEYS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+from diffprune.tensors import images_to_tensor
 
 
 @dataclass
@@ -53,11 +51,6 @@ class TrainResult:
         """Mean loss of the last 50 steps: one step's loss is too noisy to report."""
         tail = self.losses[-50:]
         return float(sum(tail) / len(tail)) if tail else float("nan")
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """NHWC uint8 → NCHW float in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def train(
@@ -222,7 +215,7 @@ def _load_weights(model: torch.nn.Module, sd: dict, path: Path) -> None:
 
 
 def _fingerprint(unet: UNet2DModel, params: TrainParams, images: np.ndarray, world: int, extra: str) -> str:
-    recipe = {k: v for k, v in params.model_dump().items() if k not in _RESUMABLE_KEYS}
+    recipe = {k: v for k, v in params.model_dump().items() if k not in resumable_fields(type(params))}
     h = hashlib.sha256(json.dumps([recipe, model_hash(unet), world, extra], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(images.tobytes()).digest())
     return h.hexdigest()[:16]

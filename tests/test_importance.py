@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from diffprune.importance import accumulate_gradients
 from diffprune.models import make_scheduler
 from diffprune.seeding import derive_seed
-from diffprune.training import images_to_tensor
+from diffprune.tensors import images_to_tensor
 
 
 def _pass(unet, digits, criterion, thr, T=100):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffprune.metrics import fid_reference, latency_pair, macs_and_params, ssim
+from diffprune.macs import macs_and_params
+from diffprune.metrics import fid_reference, latency_pair, ssim
 from diffprune.sampling import save_pngs
 from tiny import tiny_eval
 

@@ -7,10 +7,11 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from torch import nn
 
 from diffprune.importance import accumulate_gradients
-from diffprune.metrics import macs_and_params
+from diffprune.macs import macs_and_params
 from diffprune.models import make_scheduler
 from diffprune.pruning import _lowest_per_chunk, plan_pruning, prune_to_macs, prune_unet, reinitialise
-from diffprune.training import images_to_tensor, train
+from diffprune.tensors import images_to_tensor
+from diffprune.training import train
 from tiny import tiny_train
 
 

@@ -1,0 +1,105 @@
+"""The pipeline's stages, one entry each: the single description every front end derives from.
+
+The stage CLI (``diffprune <stage>``), the Prefect tasks and flows, the generated ``dvc.yaml``, MLflow
+tracking, the report and the tests all read this table. Every library stage keeps one contract:
+``stages.<name>(params, *, out, metrics, <inputs…>[, checkpoints])`` reads its params group and the
+outputs of its upstream stages, writes ``out`` atomically and ``<metrics>/<name>.json`` (its summary).
+Adding a stage = one entry here + its function in ``stages.py`` + its params model in ``config.py``.
+This module is plain data: it imports nothing heavy, so parsers and schedulers can read it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+METRICS = "metrics"  # the folder every stage writes its summary into (``<name>.json``)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A CSV a stage writes that is worth a plot (MLflow image + metric history, ``dvc plots``)."""
+
+    folder: Literal["out", "metrics"]  # the stage's output folder or the metrics folder
+    file: str
+    x: str
+    y: str
+    title: str
+    kind: Literal["line", "bars", "scatter"] = "line"
+    dvc: bool = True  # also a top-level plot of dvc.yaml (the file must exist after every run)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    group: str  # the attribute of ``config.Params`` holding its params
+    help: str
+    out: str | None  # default output folder (what later stages read)
+    timeout_min: float  # default wall-clock limit under the flows (orchestration.timeouts_min overrides)
+    inputs: tuple[tuple[str, str], ...] = ()  # (option/keyword name, upstream stage)
+    checkpoints: str | None = None  # training stages: checkpoints kept between runs, so they resume
+    key: str | None = None  # its key in params.yaml when it differs from ``group``
+    library: bool = True  # False: run by the orchestration layer (it talks to MLflow)
+    curves: tuple[Curve, ...] = ()
+    images: str | None = None  # glob of images in ``out`` shown with the run (sample grids)
+    out_aliases: tuple[str, ...] = ()  # older spellings of ``--out`` that the CLI still accepts
+    extra_deps: tuple[str, ...] = ()  # files outside the pipeline that the stage reads (DVC deps)
+    extra_params: tuple[str, ...] = ()  # other params groups the stage reads (DVC params)
+    extra_metrics: tuple[str, ...] = ()  # files besides ``<name>.json`` written to the metrics folder
+
+    @property
+    def params_key(self) -> str:
+        return self.key or self.group
+
+    @property
+    def trains(self) -> bool:
+        return self.checkpoints is not None
+
+    @property
+    def metrics_file(self) -> str:
+        return f"{self.name}.json"
+
+    def input_stage(self, name: str) -> str:
+        return dict(self.inputs)[name]
+
+
+TABLE: tuple[Stage, ...] = (
+    Stage("prepare", "data", "prepare the dataset (digits, imagefolder, cifar10)", "data/prepared", 30),
+    Stage("teacher", "teacher", "provide the teacher: built-in, pretrained (hub/local) or trained from scratch",
+          "models/teacher", 720, inputs=(("data", "prepare"),), checkpoints="checkpoints/teacher",
+          curves=(Curve("metrics", "teacher_loss.csv", "step", "loss", "teacher training loss", dvc=False),),
+          extra_deps=("diffprune/assets/teacher-digits16",)),
+    Stage("score", "score", "importance scoring: the gradient pass of diff-pruning / taylor", "scores", 120,
+          inputs=(("data", "prepare"), ("teacher", "teacher")),
+          curves=(Curve("out", "loss_over_t.csv", "t", "loss", "loss over t (importance scoring)"),
+                  Curve("out", "importance.csv", "importance", "layer", "importance per layer", kind="bars"))),
+    Stage("prune", "prune", "structural pruning at a ratio (paper semantics) or a MACs target", "models/pruned",
+          30, inputs=(("teacher", "teacher"), ("scores", "score"))),
+    Stage("finetune", "finetune", "fine-tune a student (optionally distilled from the teacher)",
+          "models/finetuned", 720, inputs=(("data", "prepare"), ("student", "prune"), ("teacher", "teacher")),
+          checkpoints="checkpoints/finetune",
+          curves=(Curve("metrics", "finetune_loss.csv", "step", "loss", "fine-tuning loss"),)),
+    Stage("evaluate", "evaluate", "sample teacher and student from the same noise; FID, SSIM, MACs, latency",
+          "samples", 240, inputs=(("data", "prepare"), ("teacher", "teacher"), ("student", "finetune")),
+          curves=(Curve("metrics", "evaluate_fid_vs_macs.csv", "macs_m", "fid", "FID vs MACs", kind="scatter"),),
+          images="grid_*.png", out_aliases=("--samples",)),
+    Stage("register", "registration", "log the `dvc repro` outputs to MLflow and register the fine-tuned model",
+          None, 30, inputs=(("model", "finetune"), ("evaluation", "evaluate")), key="register", library=False,
+          extra_params=("tracking",), extra_metrics=("report.md",)),
+)
+STAGES: dict[str, Stage] = {s.name: s for s in TABLE}
+NAMES: tuple[str, ...] = tuple(STAGES)
+LIBRARY: tuple[Stage, ...] = tuple(s for s in TABLE if s.library)
+
+
+def stage(name: str) -> Stage:
+    return STAGES[name]
+
+
+def downstream(name: str) -> tuple[str, ...]:
+    """The stages that read ``name``'s output, directly or not, in table order."""
+    found = {name}
+    for s in TABLE:
+        if any(up in found for _, up in s.inputs):
+            found.add(s.name)
+    return tuple(s.name for s in TABLE if s.name in found and s.name != name)

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, mean_std, save
-from diffprune.cli_flows import prepare_environment
+from diffprune.flows.cli import prepare_environment
 from diffprune.config import load_params
 
 
@@ -50,7 +50,7 @@ def main() -> None:
                  f"orchestration.max_workers={args.workers}", *args.overrides]
     params = load_params(args.params, overrides)
     prepare_environment(params.orchestration.store)
-    from flows.sweep import sweep
+    from diffprune.flows.sweep import sweep
 
     result = sweep(args.params, overrides)
     publish(result["rows"], params.finetune.steps, {"overrides": overrides}, args.out)

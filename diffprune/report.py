@@ -6,13 +6,21 @@ flow, ``dvc repro`` with ``diffprune register``, the sweep — reports the same 
 
 from __future__ import annotations
 
+from diffprune.criteria import method_label
 
-def headline(teacher: dict, score: dict, prune: dict, finetune: dict, evaluate: dict) -> dict:
-    """Flat numbers of one pruned model: what registry tags, comparison tables and the CLI print."""
+# The stages whose summaries the headline reads (a chain's references are named by stage).
+HEADLINE_STAGES = ("teacher", "score", "prune", "finetune", "evaluate")
+
+
+def headline(summaries: dict[str, dict]) -> dict:
+    """Flat numbers of one pruned model from its stages' summaries (``{stage: metrics/<stage>.json}``):
+    what registry tags, comparison tables and the CLI print."""
+    teacher, score, prune, finetune, evaluate = (summaries[s] for s in HEADLINE_STAGES)
     t, p = evaluate["teacher"], evaluate["pruned"]
     return {
         "teacher": teacher.get("pretrained") or teacher.get("source"),
         "criterion": prune.get("criterion"),
+        "method": method_label(prune.get("criterion"), score.get("thr")),
         "thr": score.get("thr"),
         "timesteps_visited": score.get("timesteps_visited"),
         "score_seconds": score.get("seconds"),
@@ -33,9 +41,8 @@ def headline(teacher: dict, score: dict, prune: dict, finetune: dict, evaluate: 
 
 
 def branch_label(criterion: str, thr: float, target_macs: float, seed: int) -> str:
-    """A sweep branch's name: the threshold shows only where it changes the method (diff-pruning)."""
-    method = criterion + (f"-thr{thr:g}" if criterion == "diff-pruning" else "")
-    return f"{method}-macs{target_macs:g}-seed{seed}"
+    """A sweep branch's name: the method, its MACs target and seed."""
+    return f"{method_label(criterion, thr)}-macs{target_macs:g}-seed{seed}"
 
 
 def _num(x, digits: int = 3) -> str:
@@ -50,13 +57,11 @@ def render(h: dict, title: str = "diffprune run", links: dict[str, str] | None =
     """Markdown (no indentation: Prefect renders indented lines as code)."""
     target = f"ratio {_num(h['pruning_ratio'], 3)}" if h.get("target_macs") is None else (
         f"MACs target {_num(h['target_macs'], 2)} (ratio {_num(h['pruning_ratio'], 3)})")
-    visited = ("all" if h["criterion"] == "taylor" else _num(h["timesteps_visited"])
-               if h.get("timesteps_visited") else "–")
+    visited = _num(h["timesteps_visited"]) if h.get("timesteps_visited") else "–"
     lines = [
         f"# {title}",
         "",
-        f"Teacher `{h['teacher']}`, pruned with **{h['criterion']}**"
-        + (f" (thr {h['thr']})" if h.get("thr") is not None else "") + f" at {target}, "
+        f"Teacher `{h['teacher']}`, pruned with **{method_label(h['criterion'], h.get('thr'))}** at {target}, "
         f"fine-tuned {_num(h['finetune_steps'])} steps.",
         "",
         "| | params | MACs | FID | SSIM to teacher | latency speed-up |",
@@ -83,7 +88,7 @@ def comparison(rows: list[dict]) -> str:
     lines = ["| method | MACs target | params | MACs | FID | SSIM | steps | score s | fine-tune s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        method = r["criterion"] + (f" (thr {r['thr']})" if r["criterion"] == "diff-pruning" else "")
+        method = method_label(r["criterion"], r.get("thr"))
         if r.get("seed") is not None:
             method += f", seed {r['seed']}"
         lines.append(

@@ -26,6 +26,7 @@ class Curve:
     y: str
     title: str
     kind: Literal["line", "bars", "scatter"] = "line"
+    metric: str | None = None  # a line curve's MLflow metric name (default: ``y``)
     dvc: bool = True  # also a top-level plot of dvc.yaml (the file must exist after every run)
 
 
@@ -41,7 +42,7 @@ class Stage:
     key: str | None = None  # its key in params.yaml when it differs from ``group``
     library: bool = True  # False: run by the orchestration layer (it talks to MLflow)
     curves: tuple[Curve, ...] = ()
-    images: str | None = None  # glob of images in ``out`` shown with the run (sample grids)
+    images: tuple[str, ...] = ()  # images in ``out`` shown with the run (sample grids)
     out_aliases: tuple[str, ...] = ()  # older spellings of ``--out`` that the CLI still accepts
     extra_deps: tuple[str, ...] = ()  # files outside the pipeline that the stage reads (DVC deps)
     extra_params: tuple[str, ...] = ()  # other params groups the stage reads (DVC params)
@@ -71,7 +72,8 @@ TABLE: tuple[Stage, ...] = (
           extra_deps=("diffprune/assets/teacher-digits16",)),
     Stage("score", "score", "importance scoring: the gradient pass of diff-pruning / taylor", "scores", 120,
           inputs=(("data", "prepare"), ("teacher", "teacher")),
-          curves=(Curve("out", "loss_over_t.csv", "t", "loss", "loss over t (importance scoring)"),
+          curves=(Curve("out", "loss_over_t.csv", "t", "loss", "loss over t (importance scoring)",
+                        metric="loss_over_t"),
                   Curve("out", "importance.csv", "importance", "layer", "importance per layer", kind="bars"))),
     Stage("prune", "prune", "structural pruning at a ratio (paper semantics) or a MACs target", "models/pruned",
           30, inputs=(("teacher", "teacher"), ("scores", "score"))),
@@ -82,7 +84,7 @@ TABLE: tuple[Stage, ...] = (
     Stage("evaluate", "evaluate", "sample teacher and student from the same noise; FID, SSIM, MACs, latency",
           "samples", 240, inputs=(("data", "prepare"), ("teacher", "teacher"), ("student", "finetune")),
           curves=(Curve("metrics", "evaluate_fid_vs_macs.csv", "macs_m", "fid", "FID vs MACs", kind="scatter"),),
-          images="grid_*.png", out_aliases=("--samples",)),
+          images=("grid_pairs.png", "grid_teacher.png", "grid_pruned.png"), out_aliases=("--samples",)),
     Stage("register", "registration", "log the `dvc repro` outputs to MLflow and register the fine-tuned model",
           None, 30, inputs=(("model", "finetune"), ("evaluation", "evaluate")), key="register", library=False,
           extra_params=("tracking",), extra_metrics=("report.md",)),

@@ -11,34 +11,29 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from diffprune.atomic import atomic_file
+from diffprune.flows.steps import Steps, publish_report, stage_params, summary_of, wiring
 from diffprune.report import render
-from flows.steps import Steps, publish_report, stage_params, summary_of
-from tasks import stages
-from tasks.registration import register
-from tasks.store import folder, manifest_of
+from diffprune.stage_table import LIBRARY
+from diffprune.tasks.registration import register
+from diffprune.tasks.store import folder, manifest_of
 
 
 @flow(name="diffprune-pipeline", log_prints=True)
 def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Run (or find cached) every stage of the default chain; returns the headline numbers and where to look."""
+    """Run (or find cached) every stage of the stage table; returns the headline numbers and where to look."""
     steps = Steps.open(params_file, overrides, "pipeline")
     params, run_name = steps.params, steps.run_name
     try:
-        data, teacher = steps.shared()
-        scores = steps.call(stages.score, "score", data=data, teacher=teacher)
-        pruned = steps.call(stages.prune, "prune", teacher=teacher, scores=scores)
-        tuned = steps.call(stages.finetune, "finetune", data=data, student=pruned, teacher=teacher)
-        evaluation = steps.call(stages.evaluate, "evaluate", data=data, teacher=teacher, student=tuned)
-        refs = {"teacher": teacher, "score": scores, "prune": pruned, "finetune": tuned, "evaluate": evaluation}
+        refs = steps.chain(tuple(s.name for s in LIBRARY))
         summary = summary_of(steps.run["store"], refs)
         registered = None
         if params.registration.enabled and steps.tracker:
-            registered = _register(steps, params, tuned, evaluation, summary)
+            registered = _register(steps, params, wiring("register", refs), summary)
         links = _links(steps, registered)
         report = render(summary, title=f"diffprune run {run_name}", links=links)
         out = Path(params.orchestration.store).parent / "reports"
-        samples = folder(steps.run["store"], evaluation) / "output"
-        grids = [samples / f"grid_{n}.png" for n in ("pairs", "teacher", "pruned")]
+        grids = [folder(steps.run["store"], refs[s.name]) / "output" / image
+                 for s in LIBRARY for image in s.images]
         report_file = publish_report(report, grids, "diffprune-report", out / f"{run_name}.md")
         with atomic_file(out / "latest.md") as fh:
             fh.write(report)
@@ -53,15 +48,14 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
             "tracking_uri": steps.tracker.uri if steps.tracker else None}
 
 
-def _register(steps: Steps, params, tuned: dict, evaluation: dict, summary: dict) -> dict:
+def _register(steps: Steps, params, inputs: dict[str, dict], summary: dict) -> dict:
     nested = None
     if steps.tracker:
         nested = steps.tracker.client.create_run(steps.tracker.experiment_id, run_name="register", tags={
             "mlflow.parentRunId": steps.tracker.run_id, "diffprune.stage": "register"}).info.run_id
     # No retries: a retry after a half-done registration would add a second version.
-    state = register(params=stage_params(params, "register"), model=tuned, evaluation=evaluation, summary=summary,
-                     run=steps.run, extra={"tracking_uri": steps.tracker.uri}, mlflow_run_id=nested,
-                     return_state=True)
+    state = register(params=stage_params(params, "register"), inputs=inputs, summary=summary, run=steps.run,
+                     extra={"tracking_uri": steps.tracker.uri}, mlflow_run_id=nested, return_state=True)
     ref = state.result()
     cached = state.name == "Cached"
     outcome = manifest_of(steps.run["store"], ref)["summary"]

@@ -14,7 +14,7 @@ from prefect.schedules import Cron
 
 from diffprune.config import load_params
 from diffprune.errors import DiffpruneError
-from flows.pipeline import pipeline
+from diffprune.flows.pipeline import pipeline
 
 
 def deployment(params_file: str = "params.yaml", overrides: list[str] | None = None):

@@ -11,11 +11,10 @@ from prefect.runtime import deployment, flow_run
 
 from diffprune.atomic import atomic_file
 from diffprune.config import Params, load_params
-from diffprune.report import headline
-from tasks import stages, store
-from tasks.stages import GROUP
-
-CHAIN = ("teacher", "score", "prune", "finetune", "evaluate")
+from diffprune.report import HEADLINE_STAGES, headline
+from diffprune.stage_table import LIBRARY, STAGES, downstream
+from diffprune.tasks import store
+from diffprune.tasks.stages import TASKS
 
 
 def run_settings(params: Params) -> dict:
@@ -26,7 +25,18 @@ def run_settings(params: Params) -> dict:
 
 
 def stage_params(params: Params, stage: str) -> dict:
-    return getattr(params, GROUP.get(stage, stage)).model_dump(mode="json")
+    return getattr(params, STAGES[stage].group).model_dump(mode="json")
+
+
+def shared_stages(varied: tuple[str, ...]) -> tuple[str, ...]:
+    """The library stages that neither vary nor read a varied stage: computed once for every branch."""
+    affected = set(varied).union(*(downstream(v) for v in varied))
+    return tuple(s.name for s in LIBRARY if s.name not in affected)
+
+
+def wiring(stage: str, refs: dict) -> dict:
+    """A stage's inputs, named as its table entry names them, from the references (or futures) by stage."""
+    return {name: refs[upstream] for name, upstream in STAGES[stage].inputs}
 
 
 def prefect_tags() -> dict[str, str]:
@@ -46,7 +56,7 @@ class Steps:
         self.keys: dict[str, str] = {}
         self.tracker = None
         if params.tracking.enabled:
-            from tasks.tracking import Tracker, code_tags  # MLflow only when tracking is on
+            from diffprune.tasks.tracking import Tracker, code_tags  # MLflow only when tracking is on
 
             self.tracker = Tracker(params.tracking, run_name, {**code_tags(), **prefect_tags()})
 
@@ -55,16 +65,20 @@ class Steps:
         """Validated params plus the MLflow parent run, named after the Prefect flow run."""
         return cls(load_params(params_file, overrides or []), str(flow_run.name or kind))
 
-    def shared(self) -> tuple[dict, dict]:
-        """The prepared data and the teacher: what every chain and every sweep branch starts from."""
-        data = self.call(stages.prepare, "prepare")
-        return data, self.call(stages.teacher, "teacher", data=data)
+    def chain(self, stages: tuple[str, ...], refs: dict | None = None) -> dict[str, dict]:
+        """Run ``stages`` in table order, each fed by the references of the stages before it."""
+        refs = dict(refs or {})
+        for stage in stages:
+            refs[stage] = self.call(stage, wiring(stage, refs))
+        return refs
 
-    def call(self, task_fn, stage: str, params: dict | None = None, **refs) -> dict:
+    def task(self, stage: str):
         o = self.params.orchestration
-        configured = task_fn.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s)
-        state = configured(params=params or stage_params(self.params, stage), **refs, run=self.run,
-                           return_state=True)
+        return TASKS[stage].with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s)
+
+    def call(self, stage: str, inputs: dict[str, dict], params: dict | None = None) -> dict:
+        state = self.task(stage)(params=params or stage_params(self.params, stage), inputs=inputs, run=self.run,
+                                 return_state=True)
         ref = state.result()
         self.note(stage, ref, state.name == "Cached")
         return ref
@@ -97,9 +111,8 @@ class Steps:
 
 
 def summary_of(root: str, refs: dict[str, dict]) -> dict:
-    """The headline numbers of one chain (teacher … evaluate references) from the store at ``root``."""
-    s = {stage: store.manifest_of(root, refs[stage])["summary"] for stage in CHAIN}
-    return headline(s["teacher"], s["score"], s["prune"], s["finetune"], s["evaluate"])
+    """The headline numbers of one chain (references by stage) from the store at ``root``."""
+    return headline({stage: store.manifest_of(root, refs[stage])["summary"] for stage in HEADLINE_STAGES})
 
 
 def publish_report(markdown: str, grids: list[Path], key: str, out_file: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -18,22 +19,36 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from diffprune.atomic import atomic_file, write_json
 from diffprune.config import Params, load_params
+from diffprune.criteria import CRITERIA
+from diffprune.flows.steps import Steps, publish_grids, publish_table, shared_stages, stage_params, summary_of, wiring
 from diffprune.report import branch_label, comparison
-from flows.steps import Steps, publish_grids, publish_table, stage_params, summary_of
-from tasks import stages, store
+from diffprune.stage_table import LIBRARY
+from diffprune.tasks import store
 
 
 def branches(params: Params) -> list[dict]:
-    """Every (criterion, thr, target, seed) combination; thresholds apply to diff-pruning only.
+    """Every (criterion, thr, target, seed) combination; thresholds apply where a criterion uses one.
     Seeds vary slowest: a sweep stopped half-way has compared every method on the first seeds."""
     out = []
     for seed in params.sweep.seeds:
         for target in params.sweep.target_macs:
             for criterion in params.sweep.criteria:
-                for thr in params.sweep.thresholds if criterion == "diff-pruning" else (params.score.thr,):
+                uses_thr = CRITERIA[criterion].uses_threshold
+                for thr in params.sweep.thresholds if uses_thr else (params.score.thr,):
                     out.append({"criterion": criterion, "thr": thr, "target_macs": target, "seed": seed,
                                 "label": branch_label(criterion, thr, target, seed)})
     return out
+
+
+# The stages a branch changes; the others (the prepared data, the teacher) are computed once for all.
+VARIED = ("score", "prune", "finetune")
+
+
+def branch_changes(branch: dict) -> dict[str, dict]:
+    """What a branch sets in each varied stage's params."""
+    return {"score": {"criterion": branch["criterion"], "thr": branch["thr"]},
+            "prune": {"pruning_ratio": None, "target_macs": branch["target_macs"], "seed": branch["seed"]},
+            "finetune": {"seed": branch["seed"]}}
 
 
 @flow(name="diffprune-sweep", log_prints=True)
@@ -41,23 +56,21 @@ def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
     steps = Steps.open(params_file, overrides, "sweep")
     params, run_name = steps.params, steps.run_name
     try:
-        data, teacher = steps.shared()
-        run, scores, chains = steps.run, {}, []
+        shared = steps.chain(shared_stages(VARIED))
+        submitted, chains = {}, []
         for b in branches(params):
-            score_params = {**stage_params(params, "score"), "criterion": b["criterion"], "thr": b["thr"]}
-            sig = (b["criterion"], b["thr"])
-            if sig not in scores:  # one scoring pass per criterion, shared by every target and seed
-                scores[sig] = stages.score.submit(params=score_params, data=data, teacher=teacher, run=run)
-            prune_params = {**stage_params(params, "prune"), "pruning_ratio": None, "target_macs": b["target_macs"],
-                            "seed": b["seed"]}
-            pruned = stages.prune.submit(params=prune_params, teacher=teacher, scores=scores[sig], run=run)
-            tuned = stages.finetune.submit(params={**stage_params(params, "finetune"), "seed": b["seed"]},
-                                           data=data, student=pruned, teacher=teacher, run=run)
-            evaluation = stages.evaluate.submit(params=stage_params(params, "evaluate"), data=data, teacher=teacher,
-                                                student=tuned, run=run)
-            chains.append((b, {"score": scores[sig], "prune": pruned, "finetune": tuned, "evaluate": evaluation}))
+            refs, chain, changes = dict(shared), {}, branch_changes(b)
+            for stage in (s.name for s in LIBRARY if s.name not in shared):
+                stage_args = {**stage_params(params, stage), **changes.get(stage, {})}
+                inputs = wiring(stage, refs)
+                # Identical work is submitted once: a criterion is scored once for every target and seed.
+                sig = (stage, json.dumps(stage_args, sort_keys=True), tuple((n, id(v)) for n, v in inputs.items()))
+                if sig not in submitted:
+                    submitted[sig] = steps.task(stage).submit(params=stage_args, inputs=inputs, run=steps.run)
+                refs[stage] = chain[stage] = submitted[sig]
+            chains.append((b, chain))
         wait([f for _, chain in chains for f in chain.values()])
-        rows = [_row(steps, b, chain, teacher) for b, chain in chains]
+        rows = [_row(steps, b, chain, shared) for b, chain in chains]
         table = _publish(rows, params, run_name)
         steps.finish(all(r.get("fid") is not None for r in rows), report=table["markdown"])
     except BaseException:
@@ -66,9 +79,9 @@ def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
     return {"rows": rows, "table": table["markdown"], "table_file": table["file"], "cache_hits": dict(steps.hits)}
 
 
-def _row(steps: Steps, branch: dict, chain: dict, teacher: dict) -> dict:
+def _row(steps: Steps, branch: dict, chain: dict, shared: dict) -> dict:
     """One branch's headline numbers, or its failure (other branches still report)."""
-    refs = {"teacher": teacher}
+    refs = dict(shared)
     for stage, future in chain.items():
         state = future.state
         if not state.is_completed():
@@ -116,8 +129,8 @@ def task_runner(params: Params):
                                               "processes": True, "dashboard_address": ":0"})
     # A thread per task: waiting tasks hold their thread, so the pool must not be the cap on running
     # stages; orchestration.max_workers caps those (tasks/execute.py), inline stages run one at a time.
-    n = len(branches(params))
-    return ThreadPoolTaskRunner(max_workers=3 * n + len(params.sweep.criteria) + len(params.sweep.thresholds))
+    per_branch = len(LIBRARY) - len(shared_stages(VARIED))
+    return ThreadPoolTaskRunner(max_workers=len(branches(params)) * per_branch)
 
 
 def sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:

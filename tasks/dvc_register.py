@@ -11,26 +11,22 @@ from pathlib import Path
 
 import yaml
 
-from diffprune import paths
 from diffprune.atomic import atomic_file, write_json
 from diffprune.config import Params
 from diffprune.errors import DiffpruneError
 from diffprune.report import headline, render
-from tasks.tracking import Tracker, code_tags
+from diffprune.stage_table import LIBRARY, METRICS, STAGES
+from diffprune.tasks.tracking import Tracker, code_tags
 
-STAGE_GROUPS = {"prepare": "data", "teacher": "teacher", "score": "score", "prune": "prune",
-                "finetune": "finetune", "evaluate": "evaluate"}
-OUTPUTS = {"prepare": paths.DATA, "teacher": paths.TEACHER, "score": paths.SCORES, "prune": paths.PRUNED,
-           "finetune": paths.FINETUNED, "evaluate": paths.SAMPLES}
+REGISTER = STAGES["register"]
 
 
 def _summary(stage: str) -> dict:
-    source = Path(paths.DATA) / "manifest.json" if stage == "prepare" else Path(paths.METRICS) / f"{stage}.json"
+    source = Path(METRICS) / STAGES[stage].metrics_file
     try:
-        data = json.loads(source.read_text())
+        return json.loads(source.read_text())
     except (OSError, ValueError):
         raise DiffpruneError(f"{source}: missing or unreadable; run `dvc repro` (or the stage) first") from None
-    return {k: v for k, v in data.items() if k != "files"}
 
 
 def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
@@ -44,23 +40,23 @@ def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
 
 def register_workspace(params: Params) -> dict:
     """Mirror the workspace's stage outputs into MLflow; register and gate ``models/finetuned``."""
-    from tasks.registry import register
+    from diffprune.tasks.registry import register
 
-    summaries = {stage: _summary(stage) for stage in STAGE_GROUPS}
+    summaries = {s.name: _summary(s.name) for s in LIBRARY}
     hashes = dvc_hashes()
     tracker = Tracker(params.tracking, "dvc-repro", {**code_tags(), "diffprune.front_end": "dvc"})
     ok = False
     try:
-        for stage, group in STAGE_GROUPS.items():
-            tracker.log_stage(stage, getattr(params, group).model_dump(mode="json"), summaries[stage],
-                              Path(paths.METRICS), Path(OUTPUTS[stage]),
-                              {"diffprune.dvc_outs": hashes.get(stage, "")[:5000]})
-        summary = headline(*(summaries[s] for s in ("teacher", "score", "prune", "finetune", "evaluate")))
+        for s in LIBRARY:
+            tracker.log_stage(s.name, getattr(params, s.group).model_dump(mode="json"), summaries[s.name],
+                              Path(METRICS), Path(s.out), {"diffprune.dvc_outs": hashes.get(s.name, "")[:5000]})
+        summary = headline(summaries)
         outcome = None
         if params.registration.enabled:
             nested = tracker.client.create_run(tracker.experiment_id, run_name="register", tags={
                 "mlflow.parentRunId": tracker.run_id, "diffprune.stage": "register"}).info.run_id
-            outcome = register(paths.FINETUNED, summary, params.registration, nested)
+            model_dir = STAGES[REGISTER.input_stage("model")].out
+            outcome = register(model_dir, summary, params.registration, nested)
             tracker.client.log_dict(nested, outcome, "register.json")
             tracker.client.set_terminated(nested)
         report = render(summary, title="diffprune dvc repro", links={
@@ -68,10 +64,10 @@ def register_workspace(params: Params) -> dict:
             **({"Registry": f"`{outcome['model_uri']}` aliases {', '.join(outcome['aliases'])}"} if outcome else {})})
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         tracker.log_text(report, "report.md")
-        with atomic_file(Path(paths.METRICS) / "report.md") as fh:
+        with atomic_file(Path(METRICS) / "report.md") as fh:
             fh.write(report)
         result = {"mlflow_run_id": tracker.run_id, "registered": outcome}
-        write_json(Path(paths.METRICS) / "register.json", result)
+        write_json(Path(METRICS) / REGISTER.metrics_file, result)
         ok = True
         return result
     finally:

@@ -11,29 +11,28 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from diffprune.atomic import write_json
-from diffprune.fingerprint import code_version
-from tasks import store
-from tasks.stages import StageCachePolicy, cache_key
+from diffprune.stage_table import STAGES
+from diffprune.tasks import store
+from diffprune.tasks.stages import StageCachePolicy, cache_key, stage_code
 
 
 @task(name="register", cache_policy=StageCachePolicy(stage="register"), persist_result=True,
       result_serializer="json")
-def register(params: dict, model: dict, evaluation: dict, summary: dict, run: dict, extra: dict,
+def register(params: dict, inputs: dict[str, dict], summary: dict, run: dict, extra: dict,
              mlflow_run_id: str | None = None) -> dict:
     """Log the fine-tuned model as a pickle-free pyfunc, register it, and promote it if the gate passes."""
     from diffprune.config import RegisterParams
-    from tasks.registry import register as register_model
+    from diffprune.tasks.registry import register as register_model
 
-    refs = {"model": model, "evaluation": evaluation}
-    key = cache_key(run["store"], "register", params, refs, extra)
+    key = cache_key(run["store"], "register", params, inputs, extra)
 
     def build(scratch: Path) -> dict:
-        model_dir = store.folder(run["store"], model) / "output"
+        model_dir = store.folder(run["store"], inputs["model"]) / "output"
         result = register_model(model_dir, summary, RegisterParams(**params), mlflow_run_id)
-        write_json(scratch / "metrics" / "register.json", result)
+        write_json(scratch / "metrics" / STAGES["register"].metrics_file, result)
         return result
 
-    record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": code_version("register"),
+    record = {"params": params, "inputs": {n: r["key"] for n, r in inputs.items()}, "code": stage_code("register"),
               "tracking_uri": extra.get("tracking_uri")}
     manifest, built = store.publish(run["store"], "register", key, build, record)
     outcome = manifest["summary"]

@@ -1,10 +1,11 @@
-"""One Prefect task per pipeline stage, each running the same stage function as ``diffprune <stage>``.
+"""One Prefect task per library stage of the stage table, each running the same stage function as
+``diffprune <stage>``.
 
-Cache keys come from the stage's own params, the content digests of its inputs and its code version
-(:mod:`diffprune.fingerprint`) — never from the run id or a path. A task returns a small reference
-``{"stage", "key"}`` into the content-addressed store (:mod:`tasks.store`), persisted as JSON.
-A cached reference whose store entry is missing or damaged is not trusted: the key policy turns
-that lookup into a miss, and the stage is recomputed.
+Cache keys come from the stage's own params (less the fields its schema marks as not keyed), the
+content digests of its inputs and its code version (:mod:`diffprune.fingerprint`) — never from the run
+id or a path. A task returns a small reference ``{"stage", "key"}`` into the content-addressed store
+(:mod:`diffprune.tasks.store`), persisted as JSON. A cached reference whose store entry is missing or
+damaged is not trusted: the key policy turns that lookup into a miss, and the stage is recomputed.
 """
 
 from __future__ import annotations
@@ -19,25 +20,22 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 
-from diffprune.fingerprint import code_version, dir_digest, stage_key
+from diffprune.config import group_model, unkeyed_fields
+from diffprune.fingerprint import code_version, dir_digest
+from diffprune.fingerprint import stage_key as hash_key
 from diffprune.models import BUILTIN_TEACHER
-from tasks import store
-from tasks.execute import StageInputError, StageTimeout, run_cli
+from diffprune.stage_table import LIBRARY, STAGES, Stage
+from diffprune.tasks import store
+from diffprune.tasks.execute import StageInputError, StageTimeout, run_cli
 
-# The inputs of each stage, named as the CLI options that take them.
-INPUTS = {
-    "prepare": (),
-    "teacher": ("data",),
-    "score": ("data", "teacher"),
-    "prune": ("teacher", "scores"),
-    "finetune": ("data", "student", "teacher"),
-    "evaluate": ("data", "teacher", "student"),
-    "register": ("model", "evaluation"),
-}
-GROUP = {"prepare": "data", "register": "registration"}  # stage → attribute of Params
-OUT_OPTION = {"evaluate": "--samples"}
-TRAINS = ("teacher", "finetune")
-NOT_IN_KEY = {"evaluate": ("cache_dir", "inception_path")}  # where things are kept, not what is computed
+# Stages the orchestration layer runs itself (they talk to MLflow): the modules their code version covers.
+EDGE_CODE = {"register": ("diffprune.tasks.registry", "diffprune.tasks.mlflow_model", "diffprune.promotion",
+                          "diffprune.report")}
+
+
+def stage_code(stage: str) -> str:
+    """The code version of any stage of the table, library or orchestration."""
+    return code_version(stage) if STAGES[stage].library else code_version(stage, EDGE_CODE[stage])
 
 
 def external_inputs(stage: str, params: dict) -> dict[str, str]:
@@ -58,8 +56,9 @@ def external_inputs(stage: str, params: dict) -> dict[str, str]:
 def cache_key(root: str, stage: str, params: dict, refs: dict[str, dict], extra: dict | None = None) -> str:
     inputs = {name: store.manifest_of(root, ref)["output_digest"] for name, ref in refs.items()}
     inputs.update(external_inputs(stage, params))
-    keyed = {k: v for k, v in params.items() if k not in NOT_IN_KEY.get(stage, ())}
-    return stage_key(stage, {**keyed, **(extra or {})}, inputs, code_version(stage))
+    unkeyed = unkeyed_fields(group_model(stage))
+    keyed = {k: v for k, v in params.items() if k not in unkeyed}
+    return hash_key(stage, {**keyed, **(extra or {})}, inputs, stage_code(stage))
 
 
 @dataclass
@@ -70,8 +69,7 @@ class StageCachePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         run = inputs["run"]
-        refs = {name: inputs[name] for name in INPUTS.get(self.stage, ())}
-        key = cache_key(run["store"], self.stage, inputs["params"], refs, inputs.get("extra"))
+        key = cache_key(run["store"], self.stage, inputs["params"], inputs.get("inputs") or {}, inputs.get("extra"))
         if store.lookup(run["store"], self.stage, key) is None and task_ctx.result_store.exists(key):
             get_run_logger().warning(
                 "%s: the cached result's outputs in %s are missing or damaged; recomputing",
@@ -86,71 +84,50 @@ def _transient(task, task_run, state) -> bool:
     return not isinstance(exc, StageInputError | StageTimeout)
 
 
+def stage_argv(stage: Stage, params_file: Path, scratch: Path, inputs: dict[str, Path], run: dict) -> list[str]:
+    """The stage's command line under the table's contract, its outputs in ``scratch``."""
+    argv = [stage.name, "--params", str(params_file), "--out", str(scratch / "output"),
+            "--metrics", str(scratch / "metrics")]
+    for name, path in inputs.items():
+        argv += [f"--{name}", str(path)]
+    if stage.trains:  # shared per stage: training fingerprints its own checkpoint folders
+        argv += ["--checkpoints", str(Path(run["store"]) / "_checkpoints" / stage.name)]
+    return argv
+
+
 def run_stage(stage: str, params: dict, refs: dict[str, dict], run: dict) -> dict:
     """Compute (or find) the stage's store entry for these params and inputs; return its reference."""
+    entry = STAGES[stage]
     key = cache_key(run["store"], stage, params, refs)
     inputs = {name: store.folder(run["store"], ref) / "output" for name, ref in refs.items()}
 
     def build(scratch: Path) -> dict:
-        group = GROUP.get(stage, stage)
-        (scratch / "params.yaml").write_text(yaml.safe_dump({group: params}, sort_keys=False))
-        argv = [stage, "--params", str(scratch / "params.yaml"),
-                OUT_OPTION.get(stage, "--out"), str(scratch / "output")]
-        for name, path in inputs.items():
-            argv += [f"--{name}", str(path)]
-        if stage != "prepare":
-            argv += ["--metrics", str(scratch / "metrics")]
-        if stage in TRAINS:  # shared per stage: training fingerprints its own checkpoint folders
-            argv += ["--checkpoints", str(Path(run["store"]) / "_checkpoints" / stage)]
-        timeout = run["timeouts_min"].get(stage)
-        processes = run.get("train_processes", 1) if stage in TRAINS else 1
-        run_cli(argv, run["executor"], timeout * 60 if timeout else None, processes, run.get("max_workers"))
-        return stage_summary(stage, scratch)
+        params_file = scratch / "params.yaml"
+        params_file.write_text(yaml.safe_dump({entry.params_key: params}, sort_keys=False))
+        processes = run.get("train_processes", 1) if entry.trains else 1
+        run_cli(stage_argv(entry, params_file, scratch, inputs, run), run["executor"],
+                run["timeouts_min"][stage] * 60, processes, run.get("max_workers"))
+        return stage_summary(stage, scratch / "metrics")
 
-    record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": code_version(stage)}
+    record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": stage_code(stage)}
     _, built = store.publish(run["store"], stage, key, build, record)
     get_run_logger().info("%s %s (key %s)", stage, "computed" if built else "found complete in the store", key)
     return store.reference(stage, key)
 
 
-def stage_summary(stage: str, folder: Path) -> dict:
-    """What the stage reported: ``metrics/<stage>.json`` (prepare: the dataset manifest, without checksums)."""
-    if stage == "prepare":
-        manifest = json.loads((folder / "output" / "manifest.json").read_text())
-        return {k: v for k, v in manifest.items() if k != "files"}
-    return json.loads((folder / "metrics" / f"{stage}.json").read_text())
+def stage_summary(stage: str, metrics_dir: Path) -> dict:
+    """What the stage reported: ``<metrics>/<stage>.json``."""
+    return json.loads((Path(metrics_dir) / STAGES[stage].metrics_file).read_text())
 
 
-def _stage_task(stage: str):
-    return task(name=stage, cache_policy=StageCachePolicy(stage=stage), persist_result=True,
-                result_serializer="json", retry_condition_fn=_transient, log_prints=True)
+def _stage_task(stage: Stage):
+    def run_task(params: dict, inputs: dict[str, dict], run: dict) -> dict:
+        return run_stage(stage.name, params, inputs, run)
+
+    run_task.__name__ = run_task.__qualname__ = f"stage_{stage.name}"
+    return task(name=stage.name, cache_policy=StageCachePolicy(stage=stage.name), persist_result=True,
+                result_serializer="json", retry_condition_fn=_transient, log_prints=True)(run_task)
 
 
-@_stage_task("prepare")
-def prepare(params: dict, run: dict) -> dict:
-    return run_stage("prepare", params, {}, run)
-
-
-@_stage_task("teacher")
-def teacher(params: dict, data: dict, run: dict) -> dict:
-    return run_stage("teacher", params, {"data": data}, run)
-
-
-@_stage_task("score")
-def score(params: dict, data: dict, teacher: dict, run: dict) -> dict:
-    return run_stage("score", params, {"data": data, "teacher": teacher}, run)
-
-
-@_stage_task("prune")
-def prune(params: dict, teacher: dict, scores: dict, run: dict) -> dict:
-    return run_stage("prune", params, {"teacher": teacher, "scores": scores}, run)
-
-
-@_stage_task("finetune")
-def finetune(params: dict, data: dict, student: dict, teacher: dict, run: dict) -> dict:
-    return run_stage("finetune", params, {"data": data, "student": student, "teacher": teacher}, run)
-
-
-@_stage_task("evaluate")
-def evaluate(params: dict, data: dict, teacher: dict, student: dict, run: dict) -> dict:
-    return run_stage("evaluate", params, {"data": data, "teacher": teacher, "student": student}, run)
+# stage name → its task, called as ``TASKS[name](params=…, inputs={input name: reference}, run=…)``
+TASKS = {stage.name: _stage_task(stage) for stage in LIBRARY}

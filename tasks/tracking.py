@@ -23,8 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from diffprune.atomic import file_lock
 from diffprune.config import TrackingParams
-
-PLOTTED = {"score": ("loss_over_t", "t"), "teacher": ("loss", "step"), "finetune": ("loss", "step")}
+from diffprune.stage_table import STAGES, Curve
 
 
 def resolve_uri(params: TrackingParams) -> str:
@@ -96,40 +95,42 @@ class Tracker:
         flat = _flatten(params)
         self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
         self.log_metrics({k: v for k, v in _flatten(summary).items() if k != "widths"}, run_id)
+        entry = STAGES[stage]
         with tempfile.TemporaryDirectory() as tmp:
             for file in sorted(Path(metrics_dir).glob(f"{stage}*")):
                 self.client.log_artifact(run_id, str(file), "metrics")
-            curve = self._log_curve(stage, run_id, metrics_dir, output_dir)
-            if curve:
-                self.client.log_artifact(run_id, str(_plot(curve, stage, Path(tmp))), "plots")
+            for curve in entry.curves:
+                folder = output_dir if curve.folder == "out" else metrics_dir
+                if folder is None or not Path(folder, curve.file).is_file():
+                    continue
+                source = Path(folder, curve.file)
+                plot = self._log_curve(curve, source, run_id, Path(tmp))
+                if plot:
+                    self.client.log_artifact(run_id, str(plot), "plots")
             if stage == "prune" and summary.get("widths"):
                 self.client.log_artifact(run_id, str(_bars(summary["widths"], "output channels kept",
-                                                           "pruned widths per layer", Path(tmp))), "plots")
-            importance = Path(output_dir or "", "importance.csv")
-            if stage == "score" and output_dir is not None and importance.is_file():
-                with open(importance) as fh:
-                    values = {r["layer"]: float(r["importance"]) for r in csv.DictReader(fh)}
-                self.client.log_artifact(run_id, str(_bars(values, "Σ|w·∂L/∂w| (log scale)",
-                                                           "importance per layer", Path(tmp), log=True)), "plots")
-        if stage == "evaluate" and output_dir is not None:
-            for grid in sorted(Path(output_dir).glob("grid_*.png")):
-                self.client.log_artifact(run_id, str(grid), "samples")
+                                                           "pruned widths per layer", Path(tmp) / "widths.png")),
+                                         "plots")
+        for image in entry.images if output_dir is not None else ():
+            if (Path(output_dir) / image).is_file():
+                self.client.log_artifact(run_id, str(Path(output_dir) / image), "samples")
         self.client.set_terminated(run_id)
         return run_id
 
-    def _log_curve(self, stage: str, run_id: str, metrics_dir: Path, output_dir: Path | None) -> list | None:
-        if stage not in PLOTTED:
-            return None
-        name, x = PLOTTED[stage]
-        source = (Path(output_dir) / "loss_over_t.csv") if stage == "score" and output_dir else (
-            Path(metrics_dir) / f"{stage}_loss.csv")
-        if not source.is_file():
-            return None
+    def _log_curve(self, curve: Curve, source: Path, run_id: str, folder: Path) -> Path | None:
+        """A line curve becomes a metric history (x as the step) and a plot; bars become a bar chart."""
         with open(source) as fh:
-            rows = [(int(r[x]), float(r["loss"])) for r in csv.DictReader(fh)]
-        for i in range(0, len(rows), 1000):
-            self.client.log_batch(run_id, metrics=[Metric(name, v, 0, s) for s, v in rows[i:i + 1000]])
-        return rows
+            rows = list(csv.DictReader(fh))
+        out = folder / f"{Path(curve.file).stem}.png"
+        if curve.kind == "bars":
+            return _bars({r[curve.y]: float(r[curve.x]) for r in rows}, curve.x, curve.title, out, log=True)
+        if curve.kind != "line":
+            return None
+        points = [(int(float(r[curve.x])), float(r[curve.y])) for r in rows]
+        metric = curve.metric or curve.y
+        for i in range(0, len(points), 1000):
+            self.client.log_batch(run_id, metrics=[Metric(metric, v, 0, s) for s, v in points[i:i + 1000]])
+        return _plot(points, curve, out)
 
     def log_metrics(self, values: dict, run_id: str | None = None) -> None:
         metrics = [Metric(k, float(v), 0, 0) for k, v in values.items()
@@ -149,25 +150,24 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _plot(rows: list, stage: str, folder: Path) -> Path:
+def _plot(points: list, curve: Curve, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1)
-    ax.set_xlabel("timestep t" if stage == "score" else "step")
-    ax.set_ylabel("loss")
-    ax.set_title("loss over t (importance scoring)" if stage == "score" else f"{stage} training loss")
+    ax.plot([p[0] for p in points], [p[1] for p in points], lw=1)
+    ax.set_xlabel(curve.x)
+    ax.set_ylabel(curve.y)
+    ax.set_title(curve.title)
     fig.tight_layout()
-    out = folder / ("loss_over_t.png" if stage == "score" else f"{stage}_loss.png")
     fig.savefig(out)
     plt.close(fig)
     return out
 
 
-def _bars(values: dict[str, float], xlabel: str, title: str, folder: Path, log: bool = False) -> Path:
+def _bars(values: dict[str, float], xlabel: str, title: str, out: Path, log: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +181,6 @@ def _bars(values: dict[str, float], xlabel: str, title: str, folder: Path, log: 
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     fig.tight_layout()
-    out = folder / (title.replace(" ", "_") + ".png")
     fig.savefig(out)
     plt.close(fig)
     return out

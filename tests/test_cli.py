@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from diffprune.cli import build_parser, main
+from diffprune.flows.cli import build_parser, main
 from tiny import TINY_PARAMS
 
 
@@ -40,7 +40,7 @@ def test_every_stage_documents_its_options():
         (["finetune", "--student", "nowhere"], "not a prepared dataset"),
         (["prune", "--set", "target_macs=0.5"], "set exactly one of prune.pruning_ratio and prune.target_macs"),
         (["score", "--set", "criterion=l1"], "score.criterion"),
-        (["evaluate", "--params", "missing.yaml"], "no such params file"),
+        (["evaluate", "--params", "missing.yaml"], "missing.yaml"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(project, capsys, argv, expected):

@@ -1,14 +1,18 @@
-"""Cache keys: content not paths; each stage's code closure; dvc.yaml lists the same code as deps."""
+"""Cache keys: content not paths; each stage's code version covers what it runs and nothing more."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import yaml
+import pytest
 
 from diffprune.fingerprint import code_files, code_version, dir_digest, stage_key
+from diffprune.stage_table import LIBRARY, NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "teacher", "score", "prune", "finetune", "evaluate", "register")
+LIBRARY_STAGES = [s.name for s in LIBRARY]
 
 
 def test_digest_follows_content_not_location(tmp_path):
@@ -34,15 +38,70 @@ def test_keys_change_with_params_inputs_and_code_only():
 def test_each_stage_keys_on_its_own_code():
     assert "diffprune/training.py" in code_files("finetune") and "diffprune/pruning.py" not in code_files("finetune")
     assert "diffprune/pruning.py" in code_files("prune") and "diffprune/training.py" not in code_files("prepare")
-    assert "tasks/registry.py" in code_files("register")
-    assert len({code_version(s) for s in STAGES}) == len(STAGES)
+    for stage in ("score", "prune"):  # the FID code is evaluate's alone
+        assert not {"diffprune/features.py", "diffprune/metrics.py"} & set(code_files(stage)), stage
+    assert all("diffprune/config.py" not in code_files(s) for s in LIBRARY_STAGES), "params enter keys by value"
+    from diffprune.tasks.stages import stage_code
+
+    assert len({stage_code(s) for s in NAMES}) == len(NAMES)
 
 
-def test_dvc_yaml_deps_cover_each_stage_code():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == set(STAGES)
-    for stage in STAGES:
-        missing = set(code_files(stage)) - set(stages[stage]["deps"])
-        assert not missing, f"dvc.yaml stage {stage} lacks deps {sorted(missing)}"
+def _versions(package_root: Path) -> dict[str, str]:
+    """Every library stage's code version as computed from the package at ``package_root``."""
+    script = ("import json; from diffprune.fingerprint import code_version; "
+              f"print(json.dumps({{s: code_version(s) for s in {LIBRARY_STAGES!r}}}))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=package_root, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(package_root), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def package_copy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("code")
+    shutil.copytree(ROOT / "diffprune", root / "diffprune", ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    return root
+
+
+def _edited(package_copy: Path, rel: str, old: str, new: str) -> dict[str, str]:
+    file = package_copy / rel
+    original = file.read_text()
+    assert old in original, f"{rel} no longer holds {old!r}"
+    file.write_text(original.replace(old, new, 1))
+    try:
+        return _versions(package_copy)
+    finally:
+        file.write_text(original)
+
+
+def test_editing_code_moves_exactly_the_keys_of_the_stages_that_run_it(package_copy):
+    base = _versions(package_copy)
+    assert base == {s: code_version(s) for s in LIBRARY_STAGES}, "the copy hashes like the checkout"
+
+    def moved(versions: dict) -> set[str]:
+        return {s for s in LIBRARY_STAGES if versions[s] != base[s]}
+
+    # the FID extractor: evaluate only, never score or prune
+    assert moved(_edited(package_copy, "diffprune/features.py", '"""', '"""Edited.\n', )) == {"evaluate"}
+    # a stage's own function in stages.py: that stage only
+    assert moved(_edited(package_copy, "diffprune/stages.py", "macs, n_params = macs_and_params(unet)",
+                         "macs, n_params = macs_and_params(unet)  # edited")) == {"prune"}
+    # the cron default of the schedule: no stage
+    assert moved(_edited(package_copy, "diffprune/config.py", '"0 3 * * *"', '"0 4 * * *"')) == set()
+    # a stage's own params model: that stage only
+    assert moved(_edited(package_copy, "diffprune/config.py", "class PruneParams(_Strict):",
+                         "class PruneParams(_Strict):  # edited")) == {"prune"}
+
+
+def test_dvc_yaml_is_generated_from_the_stage_table():
+    from diffprune.tasks.dvc_pipeline import main, render
+
+    assert main(["--check", "--file", str(ROOT / "dvc.yaml")]) == 0, "run `python -m diffprune.tasks.dvc_pipeline`"
+    import yaml
+
+    stages = yaml.safe_load(render())["stages"]
+    assert list(stages) == list(NAMES)
+    for stage in LIBRARY_STAGES:
+        assert set(code_files(stage)) <= set(stages[stage]["deps"]), stage
         for dep in stages[stage]["deps"]:
             assert (ROOT / dep).exists() or not dep.startswith(("diffprune/", "tasks/")), dep

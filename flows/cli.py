@@ -1,7 +1,8 @@
-"""The CLI's orchestration edge: ``diffprune run | sweep | serve | register``.
-
-The only place in the package that reaches Prefect and MLflow, and only through lazy imports of
-``flows/`` and ``tasks/``, after the environment below is set (Prefect reads it at import time).
+"""The ``diffprune`` command: the library's stage subcommands plus the orchestration commands
+``run | sweep | serve | register``. It sits on top of every layer (flows → tasks → diffprune), so the
+library's own CLI (``python -m diffprune <stage>``, what stage subprocesses and ``dvc.yaml`` run) never
+reaches up into Prefect or MLflow. Flows and tasks are imported only once the params have validated,
+after the environment below is set (Prefect reads it at import time).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
+from diffprune import cli
 from diffprune.config import load_params
 
 # What a first run on a fresh machine needs: the temporary Prefect server's database set-up takes
@@ -22,6 +24,12 @@ ENVIRONMENT = {
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
 }
+COMMANDS = {
+    "run": "run the pipeline flow (the main job) on params.yaml",
+    "sweep": "run the sweep flow: criteria × MACs targets × seeds, one comparison table",
+    "serve": "serve the pipeline flow on the cron schedule in params.yaml (Prefect server)",
+    "register": "log the `dvc repro` outputs to MLflow and register the fine-tuned model",
+}
 
 
 def prepare_environment(store: str) -> None:
@@ -31,48 +39,52 @@ def prepare_environment(store: str) -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(store, "_prefect_results").resolve()))
 
 
-def add_parsers(subs) -> None:
-    for name, text in (("run", "run the pipeline flow (the main job) on params.yaml"),
-                       ("sweep", "run the sweep flow: criteria × MACs targets × seeds, one comparison table"),
-                       ("serve", "serve the pipeline flow on the cron schedule in params.yaml (Prefect server)"),
-                       ("register", "log the `dvc repro` outputs to MLflow and register the fine-tuned model")):
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, text in COMMANDS.items():
         p = subs.add_parser(name, help=text)
-        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
-                       help="override any key, e.g. --set prune.pruning_ratio=0.3 (repeatable)")
-        p.set_defaults(group=None, orchestrate=name)
+        cli.add_common(p, None)
+        p.set_defaults(orchestrate=name)
     subs.choices["sweep"].add_argument("--task-runner", choices=("local", "dask"), default=None,
                                        help="override orchestration.task_runner")
     subs.choices["serve"].add_argument("--once", action="store_true",
                                        help="create the deployment and exit instead of serving it")
+    return parser
 
 
-def run(args: argparse.Namespace) -> dict:
+def orchestrate(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
     if getattr(args, "task_runner", None):
         overrides.append(f"orchestration.task_runner={args.task_runner}")
     params = load_params(args.params, overrides)  # validate before any heavy import
     prepare_environment(params.orchestration.store)
     if args.orchestrate == "run":
-        from flows.pipeline import pipeline
+        from diffprune.flows.pipeline import pipeline
 
-        result = pipeline(params_file=args.params, overrides=overrides)
-        print_headline(result)
+        print_headline(pipeline(params_file=args.params, overrides=overrides))
         return {}
     if args.orchestrate == "sweep":
-        from flows.sweep import sweep
+        from diffprune.flows.sweep import sweep
 
         result = sweep(params_file=args.params, overrides=overrides)
         print(result["table"])
         print(f"comparison written to {result['table_file']}")
         return {}
     if args.orchestrate == "serve":
-        from flows.serve import serve
+        from diffprune.flows.serve import serve
 
         return serve(args.params, overrides, once=args.once)
-    from tasks.dvc_register import register_workspace
+    from diffprune.tasks.dvc_register import register_workspace
 
     return register_workspace(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "orchestrate", None):
+        return cli.guarded(args.orchestrate, lambda: orchestrate(args))
+    return cli.guarded(args.stage, lambda: cli.run_stage(args))
 
 
 def print_headline(result: dict) -> None:
@@ -80,7 +92,7 @@ def print_headline(result: dict) -> None:
     print()
     print(f"teacher: {h['teacher_params']:,} params, {h['teacher_macs'] / 1e6:.2f} M MACs, "
           f"FID {h['teacher_fid']:.3f} ± {h['teacher_fid_std']:.3f}")
-    print(f"pruned ({h['criterion']}): {h['params']:,} params, {h['macs'] / 1e6:.2f} M MACs "
+    print(f"pruned ({h['method']}): {h['params']:,} params, {h['macs'] / 1e6:.2f} M MACs "
           f"({h['macs_ratio']:.3f}×), FID {h['fid']:.3f} ± {h['fid_std']:.3f} (ratio {h['fid_ratio']:.2f}), "
           f"SSIM to teacher {h['ssim']:.3f}, speed-up {h['speedup']:.2f}× (ideal {1 / h['macs_ratio']:.2f}×)")
     hits = result["cache_hits"]

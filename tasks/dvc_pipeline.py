@@ -1,0 +1,96 @@
+"""``dvc.yaml``, generated from the stage table: one ``diffprune <stage>`` per stage, its code as deps
+(the same files its Prefect cache key hashes), its params group, its outputs, metrics and plots.
+
+``python -m diffprune.tasks.dvc_pipeline`` writes it; ``--check`` fails when the file differs (a test
+runs the check, so the table and ``dvc.yaml`` cannot drift apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from diffprune.atomic import atomic_file
+from diffprune.fingerprint import code_files, module_closure
+from diffprune.stage_table import METRICS, STAGES, TABLE, Stage
+from diffprune.tasks.stages import EDGE_CODE
+
+HEADER = """\
+# Generated from diffprune/stage_table.py by `python -m diffprune.tasks.dvc_pipeline`: edit the table, not
+# this file (a test checks that they agree). One stage per `diffprune` subcommand; each depends on its own
+# code (the files its Prefect cache key hashes), its own params group and the upstream outputs.
+# `dvc repro` reproduces the default run; `dvc exp run -S prune.pruning_ratio=0.5` tries another target;
+# `dvc exp show`, `dvc metrics diff`, `dvc plots diff` compare.
+"""
+# What `diffprune <stage>` runs under DVC for a stage of the orchestration layer, besides its own code.
+DVC_FRONT_END = {"register": "diffprune.tasks.dvc_register"}
+TEMPLATES = {"line": "linear", "bars": "bar_horizontal", "scatter": "scatter"}
+
+
+def _curve_path(stage: Stage, folder: str, file: str) -> str:
+    return f"{stage.out if folder == 'out' else METRICS}/{file}"
+
+
+def _stage(stage: Stage) -> dict:
+    # DVC sees files, not functions: a library stage also depends on stages.py, where its function lives.
+    code = ("diffprune/stages.py", *code_files(stage.name)) if stage.library else \
+        module_closure((*EDGE_CODE[stage.name], DVC_FRONT_END[stage.name]))
+    deps = [*code, *stage.extra_deps]
+    for _, upstream in stage.inputs:
+        up = STAGES[upstream]
+        deps.append(up.out)
+        if not stage.library:  # the orchestration stage reads the upstream summaries too
+            deps.append(f"{METRICS}/{up.metrics_file}")
+    outs: list = [stage.out] if stage.out else []
+    if stage.checkpoints:
+        outs.append({stage.checkpoints: {"persist": True}})  # kept, so an interrupted `dvc repro` resumes
+    outs += [{_curve_path(stage, c.folder, c.file): {"cache": False}}
+             for c in stage.curves if c.dvc and c.folder == "metrics"]
+    outs += [{f"{METRICS}/{name}": {"cache": False}} for name in stage.extra_metrics]
+    entry = {"cmd": f"diffprune {stage.name}", "deps": deps, "params": [stage.params_key, *stage.extra_params]}
+    if outs:
+        entry["outs"] = outs
+    entry["metrics"] = [{f"{METRICS}/{stage.metrics_file}": {"cache": False}}]
+    return entry
+
+
+def _plots() -> list:
+    plots: list = []
+    for stage in TABLE:
+        for c in stage.curves:
+            if c.dvc:
+                plots.append({c.title: {"template": TEMPLATES[c.kind], "x": c.x,
+                                        "y": {_curve_path(stage, c.folder, c.file): c.y}}})
+        plots += [f"{stage.out}/{image}" for image in stage.images]
+    return plots
+
+
+def render() -> str:
+    """The whole ``dvc.yaml``."""
+    body = {"stages": {s.name: _stage(s) for s in TABLE}, "plots": _plots()}
+    return HEADER + yaml.safe_dump(body, sort_keys=False, width=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffprune.tasks.dvc_pipeline", description=__doc__)
+    parser.add_argument("--file", default="dvc.yaml", help="where dvc.yaml is (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the stage table")
+    args = parser.parse_args(argv)
+    text, path = render(), Path(args.file)
+    if args.check:
+        if not path.is_file() or path.read_text() != text:
+            print(f"{path}: out of date with diffprune/stage_table.py; run `python -m diffprune.tasks.dvc_pipeline`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    with atomic_file(path) as fh:
+        fh.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

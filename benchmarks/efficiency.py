@@ -36,10 +36,11 @@ from diffprune.macs import macs_and_params
 from diffprune.metrics import latency_pair
 from diffprune.models import BUILTIN_TEACHER, load_pretrained
 from diffprune.pruning import prune_unet
+from diffprune.stage_table import LIBRARY
 from diffprune.tensors import images_to_tensor
 from diffprune.training import train
 
-STAGES = ("prepare", "teacher", "score", "prune", "finetune", "evaluate")
+STAGES = tuple(s.name for s in LIBRARY)
 
 
 def latency(teacher, pruned, batches: list[int], device: torch.device) -> list[dict]:

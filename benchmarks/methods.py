@@ -21,8 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, mean_std, save
-from diffprune.flows.cli import prepare_environment
 from diffprune.config import load_params
+from diffprune.criteria import method_label
+from diffprune.flows.cli import prepare_environment
 
 
 def main() -> None:
@@ -68,10 +69,10 @@ def rows_from_store(root: Path) -> list[dict]:
     """One row per evaluated branch, from the stage manifests alone (no weights needed). Walks forward
     from each score entry by output digest: two branches whose pruned models came out identical share
     one fine-tuning entry, which records only the first branch as its input."""
-    from diffprune.report import branch_label, headline
+    from diffprune.report import HEADLINE_STAGES, branch_label, headline
 
     entries = {stage: {m["key"]: m for m in (json.loads(p.read_text()) for p in root.glob(f"{stage}/*/manifest.json"))}
-               for stage in ("teacher", "score", "prune", "finetune", "evaluate")}
+               for stage in HEADLINE_STAGES}
 
     def after(stage: str, upstream: dict, name: str, up_stage: str) -> list[dict]:
         return [m for m in entries[stage].values()
@@ -84,10 +85,11 @@ def rows_from_store(root: Path) -> list[dict]:
             for tuned in (m for m in after("finetune", prune, "student", "prune") if m["params"]["seed"] == seed):
                 for evaluation in after("evaluate", tuned, "student", "finetune"):
                     teacher = entries["teacher"][prune["inputs"]["teacher"]]
-                    s = [m["summary"] for m in (teacher, score, prune, tuned, evaluation)]
+                    chain = dict(zip(HEADLINE_STAGES, (teacher, score, prune, tuned, evaluation), strict=True))
+                    s = {stage: m["summary"] for stage, m in chain.items()}
                     branch = {"criterion": score["params"]["criterion"], "thr": score["params"]["thr"],
                               "target_macs": prune["params"]["target_macs"], "seed": seed}
-                    rows.append({**headline(*s), **branch, "label": branch_label(**branch)})
+                    rows.append({**headline(s), **branch, "label": branch_label(**branch)})
     if not rows:
         raise SystemExit(f"{root}: no evaluated branch (no complete score → evaluate chain)")
     return sorted(rows, key=lambda r: r["label"])
@@ -97,7 +99,7 @@ def aggregate(rows: list[dict], steps: int) -> list[dict]:
     """Mean and spread over seeds of each (method, target); the teacher first."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        method = r["criterion"] + (f" thr={r['thr']:g}" if r["criterion"] == "diff-pruning" else "")
+        method = method_label(r["criterion"], r["thr"])
         groups[(method, r["target_macs"])].append(r)
     first = rows[0]
     table = [{"method": "teacher", "target_macs": 1.0, "params": first["teacher_params"], "macs": first["teacher_macs"],

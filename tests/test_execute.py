@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tasks.execute import StageCrashed, StageInputError, StageTimeout, _run_child, run_cli
+from diffprune.tasks.execute import StageCrashed, StageInputError, StageTimeout, _run_child, run_cli
 
 
 def test_a_stage_past_its_time_limit_is_killed():
@@ -31,7 +31,7 @@ def test_other_failures_are_crashes_carrying_the_last_line():
 def test_only_crashes_are_retried():
     from prefect.states import Failed
 
-    from tasks.stages import _transient
+    from diffprune.tasks.stages import _transient
 
     assert _transient(None, None, Failed(data=StageCrashed("killed")))
     assert not _transient(None, None, Failed(data=StageInputError("bad key")))
@@ -40,7 +40,7 @@ def test_only_crashes_are_retried():
 
 @pytest.mark.parametrize(("executor", "cap", "expected"), [("subprocess", 2, 2), ("inline", 4, 1)])
 def test_stages_running_at_once_are_capped(monkeypatch, executor, cap, expected):
-    import tasks.execute as execute
+    import diffprune.tasks.execute as execute
 
     running, peak, lock = [0], [0], threading.Lock()
 

@@ -12,7 +12,7 @@ from mlflow.tracking import fluent
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from diffprune.config import RegisterParams
-from tasks.registry import load_champion, register
+from diffprune.tasks.registry import load_champion, register
 
 NAME = "diffprune-test"
 PARAMS = RegisterParams(model_name=NAME, predict_steps=2)

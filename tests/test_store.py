@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from tasks import store
+from diffprune.tasks import store
 
 
 def _build(text: str, calls: list):

@@ -25,16 +25,17 @@ class _Strict(BaseModel):
 
 
 class DataParams(_Strict):
-    """Which images to prepare and how (stage ``prepare``)."""
+    """Which images to prepare and how (stage prepare)."""
 
-    dataset: Literal["digits", "imagefolder", "cifar10"] = "digits"
-    path: str | None = Field(None, description="imagefolder root, or where cifar10 lives / is downloaded")
-    resolution: int = Field(16, ge=8, le=1024)
-    channels: Literal[1, 3] | None = Field(None, description="default: 1 for digits, 3 otherwise")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share (digits, imagefolder)")
+    dataset: Literal["digits", "imagefolder", "cifar10"] = Field(
+        "digits", description="digits (built in, offline) | imagefolder | cifar10")
+    path: str | None = Field(None, description="imagefolder root; cifar10 download/cache folder")
+    resolution: int = Field(16, ge=8, le=1024, description="image side in pixels")
+    channels: Literal[1, 3] | None = Field(None, description="1 for digits, 3 otherwise")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share: the FID real-data floor")
     max_images: int | None = Field(None, ge=2, description="cap on images taken from the source")
     download: bool = Field(True, description="cifar10: download when no local copy exists")
-    seed: int = 0
+    seed: int = Field(0, description="the train/held-out split")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:
@@ -48,41 +49,45 @@ class DataParams(_Strict):
 
 
 class TrainParams(_Strict):
-    """The one training loop: teacher training and fine-tuning of pruned models."""
+    """The one training loop (teacher training from scratch; fine-tuning extends it)."""
 
-    steps: int = Field(1000, ge=1, json_schema_extra=RESUMABLE)
+    steps: int = Field(4000, ge=1, json_schema_extra=RESUMABLE, description="raise it to continue a finished run")
     batch_size: int = Field(64, ge=1, description="per process")
-    lr: float = Field(2e-4, gt=0.0, le=1.0)
-    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="constant after the warm-up")
+    optimizer: Literal["adam", "adamw"] = Field("adamw", description="adam | adamw")
     weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="the EMA weights are the exported model")
     ema_warmup: bool = Field(True, description="decay min(ema_decay, (1+s)/(10+s)): useful for short runs")
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="max gradient norm (null: no clipping)")
     antithetic: bool = Field(True, description="pair t with T-1-t in each batch, as the paper's code")
     flip: bool = Field(False, description="random horizontal flips (not for digits)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="no | fp16 | bf16 (CUDA)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
-    checkpoint_every: int = Field(250, ge=1, json_schema_extra=RESUMABLE)
-    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RESUMABLE)
-    log_every: int = Field(10, ge=1, json_schema_extra=RESUMABLE)
-    seed: int = 0
+    checkpoint_every: int = Field(250, ge=1, json_schema_extra=RESUMABLE, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RESUMABLE, description="the newest ones are kept")
+    log_every: int = Field(10, ge=1, json_schema_extra=RESUMABLE, description="steps between progress updates")
+    seed: int = Field(0, description="initial weights, batches, timesteps and noise")
 
 
 class FinetuneParams(TrainParams):
-    """Fine-tuning a student, optionally distilled from the teacher (stage ``finetune``)."""
+    """Fine-tuning a student, optionally distilled from the teacher (stage finetune)."""
 
-    distill: bool = True
-    distill_weight: float = Field(0.7, ge=0.0, le=1.0, description="share of the teacher target")
+    steps: int = Field(800, ge=1, json_schema_extra=RESUMABLE, description="20 % of the teacher's 4000")
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0, description="the EMA weights are the exported model")
+    checkpoint_every: int = Field(100, ge=1, json_schema_extra=RESUMABLE, description="steps between checkpoints")
+    distill: bool = Field(True, description="target = w * teacher's epsilon + (1 - w) * true noise")
+    distill_weight: float = Field(0.7, ge=0.0, le=1.0, description="w: the share of the teacher's target")
 
 
 class ArchParams(_Strict):
-    """A from-scratch ``UNet2DModel``: every width must split into ``norm_num_groups`` groups."""
+    """A from-scratch UNet2DModel: every width must split into norm_num_groups groups."""
 
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = Field((32, 64, 64), description="width of each resolution level")
     layers_per_block: int = Field(1, ge=1)
-    attention_levels: tuple[int, ...] = (1,)
-    norm_num_groups: int = Field(8, ge=1)
+    attention_levels: tuple[int, ...] = Field(
+        (1,), description="levels with an attention block (level 1 at 16px input: 8x8, like the paper's CIFAR model)")
+    norm_num_groups: int = Field(8, ge=1, description="8 groups let 32-channel blocks be pruned too")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -99,13 +104,15 @@ class ArchParams(_Strict):
 
 
 class TeacherParams(_Strict):
-    """Where the model to prune comes from (stage ``teacher``)."""
+    """Where the model to prune comes from (stage teacher)."""
 
-    source: Literal["builtin", "pretrained", "scratch"] = "builtin"
-    pretrained: str | None = Field(None, description="hub id (google/ddpm-cifar10-32) or local directory")
-    architecture: ArchParams = ArchParams()
-    num_train_timesteps: int = Field(1000, ge=2)
-    train: TrainParams = TrainParams(steps=4000, batch_size=64, lr=1e-3, ema_decay=0.999)
+    source: Literal["builtin", "pretrained", "scratch"] = Field(
+        "builtin", description="builtin (shipped; trained by source=scratch) | pretrained | scratch")
+    pretrained: str | None = Field(
+        None, description="hub id (google/ddpm-cifar10-32) or a local save_pretrained folder")
+    num_train_timesteps: int = Field(1000, ge=2, description="T of the DDPM schedule (source=scratch)")
+    architecture: ArchParams = Field(ArchParams(), description="used by source=scratch")
+    train: TrainParams = Field(TrainParams(), description="used by source=scratch")
 
     @model_validator(mode="after")
     def _pretrained_needed(self) -> TeacherParams:
@@ -115,23 +122,27 @@ class TeacherParams(_Strict):
 
 
 class ScoreParams(_Strict):
-    """Importance scoring (stage ``score``): the gradient pass of Diff-Pruning / Taylor."""
+    """Importance scoring (stage score): the gradient pass of Diff-Pruning / Taylor."""
 
-    criterion: Criterion = "diff-pruning"
-    thr: float = Field(0.05, ge=0.0, lt=1.0, description="diff-pruning: stop once loss < thr × max loss")
-    batch_size: int = Field(64, ge=1, description="images in the fixed batch x0")
+    criterion: Criterion = Field("diff-pruning", description=" | ".join(criteria.NAMES))
+    thr: float = Field(0.05, ge=0.0, lt=1.0,
+                       description="diff-pruning: stop after the first t with loss < thr * max loss (0: all T steps)")
+    batch_size: int = Field(32, ge=1, description="the fixed batch x0 (the paper: 128 on CIFAR-10); 32 keeps "
+                                                  "scoring ~2 min on 2 CPU cores")
     n_batches: int = Field(1, ge=1, description="batches averaged per timestep")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="which images form x0, and their noise")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
 
 
 class PruneParams(_Strict):
-    """Structural pruning (stage ``prune``): set ``pruning_ratio`` or ``target_macs``."""
+    """Structural pruning (stage prune): set pruning_ratio or target_macs."""
 
-    pruning_ratio: float | None = Field(0.25, ge=0.0, lt=1.0, description="per group, the paper's semantics")
-    target_macs: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the teacher's MACs to keep")
-    reinit: bool = Field(False, description="re-initialise the pruned weights (scratch-training baseline)")
-    seed: int = 0
+    pruning_ratio: float | None = Field(
+        0.25, ge=0.0, lt=1.0, description="per group, the paper's semantics (GroupNorm groups shrink alike)")
+    target_macs: float | None = Field(
+        None, gt=0.0, le=1.0, description="or: keep this fraction of the teacher's MACs (set pruning_ratio to null)")
+    reinit: bool = Field(False, description="re-initialise weights after pruning (the scratch-training baseline)")
+    seed: int = Field(0, description="the random criteria and re-initialisation")
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneParams:
@@ -146,75 +157,82 @@ class ExtractorParams(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0.0)
-    feature_dim: int = Field(64, ge=8)
+    feature_dim: int = Field(64, ge=8, description="width of the features FID compares")
     seed: int = 0
 
 
 class EvaluateParams(_Strict):
-    """Sampling, FID, SSIM and efficiency of teacher vs student (stage ``evaluate``)."""
+    """Sampling, FID, SSIM and efficiency of teacher vs student (stage evaluate)."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = Field(100, ge=1, le=10000)
-    eta: float = Field(0.0, ge=0.0, le=1.0)
-    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
-    n_samples: int | None = Field(None, ge=2, description="images per seed; default the held-out count")
-    batch_size: int = Field(256, ge=1)
-    fid_extractor: Literal["auto", "inception", "classifier"] = "auto"
+    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="ddim (eta 0) | ddpm")
+    steps: int = Field(50, ge=1, le=10000, description="the paper uses 100; 50 halves the CPU time of the default run")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM's eta")
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="one sample set per seed; mean and spread")
+    n_samples: int | None = Field(
+        None, ge=2, description="images per seed; null = the held-out count, so the floor uses equal counts")
+    batch_size: int = Field(256, ge=1, description="images sampled at once")
+    fid_extractor: Literal["auto", "inception", "classifier"] = Field(
+        "auto", description="auto: Inception if its weight file exists, else a classifier trained on the labels")
     inception_path: str = Field("/tmp/inception-2015-12-05.pt", description="clean-fid's weight file",
                                 json_schema_extra=NOT_KEYED)
-    extractor: ExtractorParams = ExtractorParams()
-    cache_dir: str = Field("artifacts/fid", description="extractors and reference statistics",
+    extractor: ExtractorParams = Field(ExtractorParams(), description="the classifier extractor")
+    cache_dir: str = Field("artifacts/fid", description="extractors, reference statistics, sample sets",
                            json_schema_extra=NOT_KEYED)
-    latency_batch: int = Field(64, ge=1)
-    latency_steps: int = Field(10, ge=1)
-    latency_repeats: int = Field(3, ge=1)
-    grid_images: int = Field(64, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    latency_batch: int = Field(64, ge=1, description="batch of the latency measurement")
+    latency_steps: int = Field(10, ge=1, description="denoising calls timed per repeat")
+    latency_repeats: int = Field(3, ge=1, description="the median of these repeats is reported")
+    grid_images: int = Field(64, ge=1, description="images in each sample grid")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
 
 
 class RegisterParams(_Strict):
-    """Model registration and the promotion gate (stage ``register``)."""
+    """Model registration and the promotion gate (stage register)."""
 
-    enabled: bool = True
-    model_name: str = Field("diffprune-digits", min_length=1)
-    max_fid_ratio: float = Field(1.3, gt=0.0, description="gate: pruned FID ≤ this × the teacher's FID")
-    max_macs_ratio: float = Field(0.6, gt=0.0, le=1.0, description="gate: pruned MACs ≤ this × the teacher's")
-    champion_margin: float = Field(0.05, ge=0.0, description="gate: FID ratio at most (1 + this) × the champion's")
-    predict_steps: int = Field(50, ge=1, description="default sampler steps of the registered model's predict")
+    enabled: bool = Field(True, description="register the fine-tuned model in the MLflow registry")
+    model_name: str = Field("diffprune-digits", min_length=1, description="registered model name")
+    max_fid_ratio: float = Field(1.3, gt=0.0, description="gate: pruned FID <= this × the teacher's (same evaluation)")
+    max_macs_ratio: float = Field(0.6, gt=0.0, le=1.0, description="gate: pruned MACs <= this × the teacher's")
+    champion_margin: float = Field(
+        0.05, ge=0.0, description="gate: FID ratio <= (1 + this) × the current champion's")
+    predict_steps: int = Field(50, ge=1, description="the registered model's default DDIM steps in predict()")
 
 
 class TrackingParams(_Strict):
-    """MLflow: where runs, metrics, artifacts and registered models go (``MLFLOW_TRACKING_URI`` wins)."""
+    """MLflow: where runs, metrics, artifacts and models go (MLFLOW_TRACKING_URI wins)."""
 
-    uri: str = Field("sqlite:///mlflow.db", description="relative sqlite paths are taken from the project root")
-    experiment: str = Field("diffprune", min_length=1)
+    uri: str = Field("sqlite:///mlflow.db", description="a SQLite file in the project (relative paths: from where "
+                                                        "you run)")
+    experiment: str = Field("diffprune", min_length=1, description="MLflow experiment name")
     artifact_root: str = Field("mlartifacts", description="artifact store of a newly created experiment")
-    enabled: bool = True
+    enabled: bool = Field(True, description="track runs in MLflow (registration needs it)")
 
 
 class ScheduleParams(_Strict):
-    """The scheduled deployment of the pipeline flow (``diffprune serve``)."""
+    """The scheduled deployment of the pipeline flow (diffprune serve)."""
 
-    name: str = Field("diffprune-nightly", min_length=1)
+    name: str = Field("diffprune-nightly", min_length=1, description="deployment name")
     cron: str = Field("0 3 * * *", description="five-field cron in `timezone`")
-    timezone: str = "UTC"
-    params: str = Field("params.yaml", description="params file each scheduled run reads")
+    timezone: str = Field("UTC", description="IANA time zone of the cron")
+    params: str = Field("params.yaml", description="the params file every scheduled run reads")
 
 
 class OrchestrationParams(_Strict):
-    """How the Prefect flows run stages: cache store, process isolation, timeouts, retries, task runner."""
+    """How the Prefect flows run stages: store, processes, time limits, retries, task runner."""
 
-    store: str = Field("artifacts/store", description="content-addressed stage outputs (one folder per cache key)")
+    store: str = Field("artifacts/store", description="content-addressed outputs: <store>/<stage>/<cache key>/")
     executor: Literal["subprocess", "inline"] = Field(
-        "subprocess", description="subprocess: each stage in its own process, so its timeout is enforced")
+        "subprocess", description="subprocess: each stage in its own process, so the time limits hold")
     timeouts_min: dict[str, float] = Field(
         default_factory=lambda: {s.name: s.timeout_min for s in STAGES.values()},
         description="wall-clock limit per stage, minutes (a stage left out keeps its stage-table limit)")
-    train_processes: int = Field(1, ge=1, description="teacher/finetune: >1 launches `accelerate launch --multi_gpu`")
-    retries: int = Field(1, ge=0, description="re-runs after a transient failure (never after bad input)")
-    retry_delay_s: float = Field(5.0, ge=0.0)
-    task_runner: Literal["local", "dask"] = "local"
-    max_workers: int = Field(2, ge=1, description="stages run at once (local: per flow process; dask: workers)")
+    train_processes: int = Field(
+        1, ge=1, description="teacher/finetune on N GPUs: accelerate launch --multi_gpu --num_processes N")
+    retries: int = Field(1, ge=0, description="after a crash (killed, out of memory); never after bad input or a "
+                                              "time-out")
+    retry_delay_s: float = Field(5.0, ge=0.0, description="seconds before a retry")
+    task_runner: Literal["local", "dask"] = Field(
+        "local", description="local (threads) | dask (a local Dask cluster through prefect-dask)")
+    max_workers: int = Field(2, ge=1, description="stages running at once in a sweep (each its own process)")
 
     @field_validator("timeouts_min")
     @classmethod
@@ -228,10 +246,10 @@ class OrchestrationParams(_Strict):
 
 
 class SweepParams(_Strict):
-    """The sweep flow: criteria × MACs targets × seeds, sharing the prepared data and the teacher."""
+    """diffprune sweep: criteria × MACs targets × seeds, one comparison table."""
 
-    criteria: tuple[Criterion, ...] = Field(criteria.NAMES, min_length=1)
-    thresholds: tuple[float, ...] = Field((0.05,), min_length=1, description="diff-pruning thresholds to try")
+    criteria: tuple[Criterion, ...] = Field(criteria.NAMES, min_length=1, description="criteria compared")
+    thresholds: tuple[float, ...] = Field((0.05,), min_length=1, description="diff-pruning thresholds")
     target_macs: tuple[float, ...] = Field((0.6,), min_length=1, description="fractions of the teacher's MACs")
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="pruning + fine-tuning seeds per branch")
 
@@ -247,7 +265,7 @@ class SweepParams(_Strict):
 
 
 class Params(_Strict):
-    """All of ``params.yaml``; stages read only their own group."""
+    """All of params.yaml; stages read only their own group."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
 
@@ -286,10 +304,15 @@ def resumable_fields(model: type[BaseModel]) -> frozenset[str]:
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read ``params.yaml`` (missing file: defaults), apply ``key.sub=value`` overrides, validate."""
+    """Read a params file, apply ``key.sub=value`` overrides, validate. Keys the file leaves out take
+    the code defaults (which equal the shipped ``params.yaml``); a missing file is an error, never a silent
+    switch of recipe. ``path=None`` asks for the code defaults explicitly (library callers, tests)."""
     raw: dict = {}
     source = str(path) if path else "<defaults>"
-    if path is not None and Path(path).exists():
+    if path is not None and not Path(path).is_file():
+        hint = " (run from the project folder, or pass --params)" if str(path) == "params.yaml" else ""
+        raise DiffpruneError(f"{source}: no such params file{hint}")
+    if path is not None:
         try:
             raw = _load_yaml(Path(path).read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -299,8 +322,6 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise DiffpruneError(f"{source}: cannot read ({exc.strerror})") from None
         if not isinstance(raw, dict):
             raise DiffpruneError(f"{source}: expected a mapping of groups at the top level")
-    elif path is not None and str(path) != "params.yaml":
-        raise DiffpruneError(f"{source}: no such params file")
     for item in overrides:
         _apply_override(raw, item)
     try:

@@ -134,3 +134,12 @@ def test_orchestration_commands_validate_params_first(project, capsys, command):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"diffprune {command}: error:") and "prune.pruning_ratio" in err
     assert len(err.splitlines()) == 1 and not (project / "artifacts").exists()
+
+
+@pytest.mark.parametrize("command", ["prepare", "evaluate", "run"])
+def test_without_a_params_file_the_command_names_it(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    assert main([command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"diffprune {command}: error: params.yaml: no such params file") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []

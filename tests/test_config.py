@@ -1,12 +1,48 @@
+from pathlib import Path
+
 import pytest
+import yaml
 
 from diffprune.config import ArchParams, Params, load_params
 from diffprune.errors import DiffpruneError
+from diffprune.params_file import main as params_file_main
+from diffprune.params_file import render
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_validate_and_match_params_yaml():
-    assert load_params("params.yaml") == load_params("params.yaml")
-    assert Params().data.dataset == "digits"
+def test_code_defaults_are_the_shipped_params_yaml():
+    assert load_params(ROOT / "params.yaml") == Params()
+    assert params_file_main(["--check", "--file", str(ROOT / "params.yaml")]) == 0, \
+        "params.yaml is generated: run `python -m diffprune.params_file`"
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(shipped) == {f.alias or n for n, f in Params.model_fields.items()}, "every group is written out"
+
+
+def test_the_generated_file_round_trips_other_values_too(tmp_path):
+    changed = load_params(None, ["finetune.mixed_precision=bf16", "evaluate.seeds=[3]", "schedule.cron=5 4 * * 1",
+                                 "teacher.architecture.block_out_channels=[16, 32]", "prune.pruning_ratio=null",
+                                 "prune.target_macs=0.5"])
+    path = tmp_path / "params.yaml"
+    path.write_text(render(changed))
+    assert load_params(path) == changed
+
+
+def test_a_partial_teacher_train_group_keeps_the_teacher_recipe():
+    p = load_params(None, ["teacher.train.steps=8"])
+    assert p.teacher.train.lr == Params().teacher.train.lr and p.teacher.train.optimizer == "adamw"
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_validate(preset):
+    params = load_params(preset)
+    assert params.prune.pruning_ratio == 0.3 and params.teacher.source == "pretrained"
+
+
+def test_a_missing_default_params_file_is_an_error_not_other_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DiffpruneError, match=r"^params\.yaml: no such params file"):
+        load_params()
 
 
 def test_override_sets_nested_keys(tmp_path):

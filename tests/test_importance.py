@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +44,22 @@ def test_gradients_are_the_sum_over_visited_timesteps(tiny_unet, digits):
     tiny_unet.zero_grad(set_to_none=True)
 
 
-def test_n_batches_average(tiny_unet, digits):
-    x0 = images_to_tensor(digits.train[:16])
-    two = accumulate_gradients(tiny_unet, make_scheduler(10), list(x0.split(8)), "taylor", 0.0, progress=False)
-    assert len(two.timesteps) == 10 and two.seconds > 0
+def test_n_batches_average_the_per_batch_gradients_and_losses(tiny_unet, digits):
+    batches = list(images_to_tensor(digits.train[:16]).split(8))
+    two = accumulate_gradients(tiny_unet, make_scheduler(3), batches, "taylor", 0.0, seed=5, progress=False)
+    alphas = make_scheduler(3).alphas_cumprod
+    per_batch, losses = [], [0.0, 0.0, 0.0]
+    for b, x0 in enumerate(batches):  # each batch alone, with its own fixed noise stream
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(5, b)))
+        tiny_unet.zero_grad(set_to_none=True)
+        for t in range(3):
+            xt = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+            loss = F.mse_loss(tiny_unet(xt, torch.full((8,), t)).sample, eps)
+            loss.backward()
+            losses[t] += loss.item() / len(batches)
+        per_batch.append({n: p.grad.clone() for n, p in tiny_unet.named_parameters()})
+    tiny_unet.zero_grad(set_to_none=True)
+    assert two.timesteps == [0, 1, 2]
+    assert two.losses == [pytest.approx(v, rel=1e-5) for v in losses]
+    for name, grad in two.grads.items():
+        assert torch.allclose(grad, (per_batch[0][name] + per_batch[1][name]) / 2, atol=1e-6), name

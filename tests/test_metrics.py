@@ -9,8 +9,13 @@ from tiny import tiny_eval
 
 
 @pytest.fixture(scope="module")
-def reference(digits, tmp_path_factory):
-    return fid_reference(digits, tiny_eval(tmp_path_factory.mktemp("fid")), torch.device("cpu"))
+def fid_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fid")
+
+
+@pytest.fixture(scope="module")
+def reference(digits, fid_cache):
+    return fid_reference(digits, tiny_eval(fid_cache), torch.device("cpu"))
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits, reference, tmp_path):
@@ -24,10 +29,19 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits, refere
     assert 0 < fids[0] < fids[1] < fids[2]
 
 
-def test_reference_is_cached_and_names_its_extractor(digits, reference, tmp_path):
-    again = fid_reference(digits, tiny_eval(tmp_path.parent / "unused"), torch.device("cpu"))
+def test_reference_is_cached_and_names_its_extractor(digits, reference, fid_cache, monkeypatch):
+    import diffprune.features
+    import diffprune.metrics
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("the cached classifier or statistics were computed again")
+
+    monkeypatch.setattr(diffprune.features, "_train_classifier", recomputed)
+    monkeypatch.setattr(diffprune.metrics.FidReference, "features", recomputed)
+    again = fid_reference(digits, tiny_eval(fid_cache), torch.device("cpu"))
     assert reference.name.startswith("classifier-64d") and again.name == reference.name
-    assert "test_accuracy" in reference.info
+    assert np.array_equal(again.mu, reference.mu) and np.array_equal(again.sigma, reference.sigma)
+    assert again.info == reference.info and "test_accuracy" in reference.info
 
 
 def test_ssim_identical_is_one_and_matches_skimage():

@@ -92,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="diffprune-overhead-") as tmp:
         flow_project = scratch_project(Path(tmp) / "flow", raw)
         env = env_for(flow_project)
-        run = [sys.executable, "-m", "diffprune", "run"]
+        run = [sys.executable, "-m", "diffprune.flows", "run"]
         flow_cold = timed(run, flow_project, env)
         flow_cached = timed(run, flow_project, env)
         split = flow_split(flow_project / "artifacts" / "store")

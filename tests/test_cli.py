@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from diffprune.flows.cli import build_parser, main
+from diffprune.stage_table import NAMES
 from tiny import TINY_PARAMS
 
 
@@ -22,8 +23,7 @@ def project(tmp_path, monkeypatch):
 def test_every_stage_documents_its_options():
     parser = build_parser()
     subs = parser._subparsers._group_actions[0].choices
-    assert set(subs) == {"prepare", "teacher", "score", "prune", "finetune", "evaluate",
-                         "run", "sweep", "serve", "register"}
+    assert set(subs) == set(NAMES) | {"run", "sweep", "serve"}
     for sub in subs.values():
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.option_strings} has no help"

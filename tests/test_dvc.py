@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from diffprune.fingerprint import dir_digest
+from diffprune.stage_table import NAMES
 from tiny import TINY_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = {"prepare", "teacher", "score", "prune", "finetune", "evaluate", "register"}
+ALL = set(NAMES)
 
 
 def _cmd(project: Path, *args: str) -> str:

@@ -15,7 +15,7 @@ NAME = "diffprune-pipeline/tiny-nightly"
 
 
 def test_serve_refuses_without_a_server(tmp_path, monkeypatch):
-    from diffprune.cli import main
+    from diffprune.flows.cli import main
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -33,7 +33,7 @@ def test_the_scheduled_deployment_is_served_and_a_run_of_it_completes(tmp_path, 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    server = subprocess.Popen([sys.executable, "-m", "diffprune", "serve"], cwd=tmp_path, env=env,
+    server = subprocess.Popen([sys.executable, "-m", "diffprune.flows", "serve"], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deployment = None

@@ -6,15 +6,11 @@ group's and field's description; ``--check`` fails when the file differs (a test
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import yaml
 from pydantic import BaseModel
 
-from diffprune.atomic import atomic_file
 from diffprune.config import Params
+from diffprune.generated import generator_main
 
 HEADER = """\
 # diffprune parameters: one group per stage, plus register, tracking, schedule, orchestration, sweep.
@@ -71,21 +67,8 @@ def render(params: Params | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffprune.params_file", description=__doc__)
-    parser.add_argument("--file", default="params.yaml", help="where params.yaml is (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the code defaults")
-    args = parser.parse_args(argv)
-    text, path = render(), Path(args.file)
-    if args.check:
-        if not path.is_file() or path.read_text() != text:
-            print(f"{path}: differs from the defaults in diffprune/config.py; run `python -m diffprune.params_file`",
-                  file=sys.stderr)
-            return 1
-        return 0
-    with atomic_file(path) as fh:
-        fh.write(text)
-    print(f"wrote {path}")
-    return 0
+    return generator_main("diffprune.params_file", __doc__, "params.yaml", "the defaults in diffprune/config.py",
+                          render, argv)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,10 @@ runs the check, so the table and ``dvc.yaml`` cannot drift apart).
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import yaml
 
-from diffprune.atomic import atomic_file
 from diffprune.fingerprint import code_files, module_closure
+from diffprune.generated import generator_main
 from diffprune.stage_table import METRICS, STAGES, TABLE, Stage
 from diffprune.tasks.stages import EDGE_CODE
 
@@ -75,21 +71,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffprune.tasks.dvc_pipeline", description=__doc__)
-    parser.add_argument("--file", default="dvc.yaml", help="where dvc.yaml is (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the stage table")
-    args = parser.parse_args(argv)
-    text, path = render(), Path(args.file)
-    if args.check:
-        if not path.is_file() or path.read_text() != text:
-            print(f"{path}: out of date with diffprune/stage_table.py; run `python -m diffprune.tasks.dvc_pipeline`",
-                  file=sys.stderr)
-            return 1
-        return 0
-    with atomic_file(path) as fh:
-        fh.write(text)
-    print(f"wrote {path}")
-    return 0
+    return generator_main("diffprune.tasks.dvc_pipeline", __doc__, "dvc.yaml", "diffprune/stage_table.py", render, argv)
 
 
 if __name__ == "__main__":

@@ -198,4 +198,4 @@ def prune(params: PruneParams, *, teacher: PathLike, scores: PathLike, out: Path
             "seconds": round(seconds, 2), "widths": layer_widths(unet)}
     save_model(unet, scheduler, out)
     write_json(Path(metrics) / "prune.json", info)
-    return {k: v for k, v in info.items() if k != "widths"}
+    return info

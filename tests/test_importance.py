@@ -44,22 +44,41 @@ def test_gradients_are_the_sum_over_visited_timesteps(tiny_unet, digits):
     tiny_unet.zero_grad(set_to_none=True)
 
 
-def test_n_batches_average_the_per_batch_gradients_and_losses(tiny_unet, digits):
-    batches = list(images_to_tensor(digits.train[:16]).split(8))
-    two = accumulate_gradients(tiny_unet, make_scheduler(3), batches, "taylor", 0.0, seed=5, progress=False)
-    alphas = make_scheduler(3).alphas_cumprod
-    per_batch, losses = [], [0.0, 0.0, 0.0]
-    for b, x0 in enumerate(batches):  # each batch alone, with its own fixed noise stream
-        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(5, b)))
-        tiny_unet.zero_grad(set_to_none=True)
-        for t in range(3):
+def test_n_batches_average_the_per_batch_gradients_and_losses(trained_tiny, digits):
+    """Three batches, each with its own noise: the pass's gradient is the mean of each batch's own gradient
+    (summed over the visited t), its per-t loss the mean of the batches' losses, and it stops where that mean
+    loss first falls below thr × the maximum so far (the diff-pruning rule, exercised here: it stops early)."""
+    seed, thr, T = 5, 0.7, 100
+    batches = list(images_to_tensor(digits.train[:24]).split(8))
+    result = accumulate_gradients(trained_tiny, make_scheduler(T), batches, "diff-pruning", thr, seed=seed,
+                                  progress=False)
+    alphas = make_scheduler(T).alphas_cumprod
+    noises = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, b)))
+              for b, x0 in enumerate(batches)]
+    params = dict(trained_tiny.named_parameters())
+    own = [{n: torch.zeros_like(p) for n, p in params.items()} for _ in batches]  # each batch's own gradient
+    visited, losses = [], []
+    trained_tiny.eval()
+    for t in range(T):
+        mean_loss = 0.0
+        for b, (x0, eps) in enumerate(zip(batches, noises, strict=True)):
+            trained_tiny.zero_grad(set_to_none=True)
             xt = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
-            loss = F.mse_loss(tiny_unet(xt, torch.full((8,), t)).sample, eps)
+            loss = F.mse_loss(trained_tiny(xt, torch.full((8,), t)).sample, eps)
             loss.backward()
-            losses[t] += loss.item() / len(batches)
-        per_batch.append({n: p.grad.clone() for n, p in tiny_unet.named_parameters()})
-    tiny_unet.zero_grad(set_to_none=True)
-    assert two.timesteps == [0, 1, 2]
-    assert two.losses == [pytest.approx(v, rel=1e-5) for v in losses]
-    for name, grad in two.grads.items():
-        assert torch.allclose(grad, (per_batch[0][name] + per_batch[1][name]) / 2, atol=1e-6), name
+            for n, p in params.items():
+                own[b][n] += p.grad
+            mean_loss += loss.item() / len(batches)
+        visited.append(t)
+        losses.append(mean_loss)
+        if mean_loss < thr * max(losses):
+            break
+    trained_tiny.zero_grad(set_to_none=True)
+    assert 1 < len(visited) < T, "the threshold must stop the loop early for this test to check the rule"
+    assert result.timesteps == visited
+    assert result.losses == [pytest.approx(v, rel=1e-5) for v in losses]
+    assert result.grads.keys() == params.keys()
+    assert any(not torch.allclose(own[0][n], own[1][n]) for n in params), "the batches' gradients differ"
+    for name, grad in result.grads.items():
+        mean = sum(g[name] for g in own) / len(own)
+        assert torch.allclose(grad, mean, rtol=1e-4, atol=1e-6), name

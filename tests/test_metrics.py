@@ -29,18 +29,31 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits, refere
     assert 0 < fids[0] < fids[1] < fids[2]
 
 
-def test_reference_is_cached_and_names_its_extractor(digits, reference, fid_cache, monkeypatch):
+def test_reference_is_cached_and_names_its_extractor(digits, reference, fid_cache, tmp_path, monkeypatch):
+    """A second call on the same cache folder trains no classifier, extracts no features and rewrites no file:
+    it loads the first call's extractor and statistics (same features for the same input, same mu/sigma)."""
     import diffprune.features
     import diffprune.metrics
 
     def recomputed(*args, **kwargs):
         raise AssertionError("the cached classifier or statistics were computed again")
 
+    def snapshot():
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(fid_cache.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    assert any(p.name == "classifier.safetensors" for p in before) and any(p.name == "train_mu.npy" for p in before)
     monkeypatch.setattr(diffprune.features, "_train_classifier", recomputed)
     monkeypatch.setattr(diffprune.metrics.FidReference, "features", recomputed)
+    with pytest.raises(AssertionError, match="computed again"):  # the patches bite where nothing is cached
+        fid_reference(digits, tiny_eval(tmp_path / "empty"), torch.device("cpu"))
     again = fid_reference(digits, tiny_eval(fid_cache), torch.device("cpu"))
+    assert snapshot() == before, "the cache was rewritten"
     assert reference.name.startswith("classifier-64d") and again.name == reference.name
+    batch = torch.from_numpy(digits.test[:16]).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
+    assert torch.equal(again.extract(batch), reference.extract(batch))  # the same classifier weights
     assert np.array_equal(again.mu, reference.mu) and np.array_equal(again.sigma, reference.sigma)
+    assert np.array_equal(again.test_features, reference.test_features)
     assert again.info == reference.info and "test_accuracy" in reference.info
 
 

@@ -5,15 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffprune.checkpoint import list_checkpoints
 from diffprune.errors import DiffpruneError
-from diffprune.models import make_scheduler
+from diffprune.models import build_unet, make_scheduler
 from diffprune.training import train
-from tiny import tiny_train
+from tiny import TINY_ARCH, tiny_train
 
 
 class _Crash(Exception):
@@ -78,17 +80,34 @@ def test_corrupt_checkpoint_is_refused_in_one_line(tiny_unet, digits, tmp_path):
     assert "model.safetensors" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_distillation_target_is_the_weighted_mix_of_teacher_and_noise(tiny_unet, digits, tmp_path):
-    """With a teacher identical to the student, the first step's target w·ε_teacher + (1−w)·ε differs from
-    the prediction by (1−w)·(ε − ε_pred), so its loss is (1−w)² times the plain loss (same draws)."""
-    teacher = copy.deepcopy(tiny_unet)
-    plain = train(copy.deepcopy(tiny_unet), make_scheduler(), digits.train, tiny_train(steps=1), tmp_path / "a")
-    kd = train(copy.deepcopy(tiny_unet), make_scheduler(), digits.train, tiny_train(steps=1), tmp_path / "b",
-               teacher=teacher, distill_weight=0.7)
-    assert kd.losses[0] == pytest.approx(0.3**2 * plain.losses[0], rel=1e-4)
-    only_teacher = train(copy.deepcopy(tiny_unet), make_scheduler(), digits.train, tiny_train(steps=1),
-                         tmp_path / "c", teacher=teacher, distill_weight=1.0)
-    assert only_teacher.losses[0] == pytest.approx(0.0, abs=1e-10)
+@pytest.mark.parametrize("w", [0.7, 1.0])
+def test_distillation_target_is_the_weighted_mix_of_teacher_and_noise(tiny_unet, digits, tmp_path, w):
+    """One step by hand: the loss is mse(ε_pred, w·ε_teacher + (1−w)·ε) with ε_pred and ε_teacher the two
+    models' outputs on the step's x_t. The images are all black (x0 = −1), so ε is recovered from x_t."""
+    torch.manual_seed(1)
+    teacher = build_unet(TINY_ARCH, 8, 1)  # a different network: its prediction is not the student's
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (args[0].detach().clone(), args[1].detach().clone(), output.sample.detach().clone())
+        return hook
+
+    tiny_unet.register_forward_hook(record("student"))
+    teacher.register_forward_hook(record("teacher"))
+    black = np.zeros_like(digits.train[:32])
+    scheduler = make_scheduler()
+    kd = train(tiny_unet, scheduler, black, tiny_train(steps=1), tmp_path, teacher=teacher, distill_weight=w)
+    xt, t, pred = seen["student"]
+    xt_teacher, t_teacher, eps_teacher = seen["teacher"]
+    assert torch.equal(xt, xt_teacher) and torch.equal(t, t_teacher), "the teacher sees the student's x_t and t"
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = (xt - a.sqrt() * -1.0) / (1 - a).sqrt()
+    assert not torch.allclose(pred, eps_teacher, atol=1e-2)
+    expected = F.mse_loss(pred, w * eps_teacher + (1 - w) * eps).item()
+    assert kd.losses[0] == pytest.approx(expected, rel=1e-4)
+    for wrong in (F.mse_loss(pred, eps), F.mse_loss(pred, (1 - w) * eps_teacher + w * eps)):
+        assert kd.losses[0] != pytest.approx(wrong.item(), rel=1e-2)
 
 
 def test_fp16_on_cpu_is_refused(tiny_unet, digits, tmp_path):

@@ -11,6 +11,7 @@ This module is plain data: it imports nothing heavy, so parsers and schedulers c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 METRICS = "metrics"  # the folder every stage writes its summary into (``<name>.json``)
@@ -28,6 +29,11 @@ class Curve:
     kind: Literal["line", "bars", "scatter"] = "line"
     metric: str | None = None  # a line curve's MLflow metric name (default: ``y``)
     dvc: bool = True  # also a top-level plot of dvc.yaml (the file must exist after every run)
+
+    def path(self, out: str | Path | None, metrics: str | Path) -> Path | None:
+        """Where the CSV lies, given the stage's output and metrics folders (``None``: no output folder)."""
+        folder = out if self.folder == "out" else metrics
+        return None if folder is None else Path(folder, self.file)
 
 
 @dataclass(frozen=True)
@@ -92,10 +98,6 @@ TABLE: tuple[Stage, ...] = (
 STAGES: dict[str, Stage] = {s.name: s for s in TABLE}
 NAMES: tuple[str, ...] = tuple(STAGES)
 LIBRARY: tuple[Stage, ...] = tuple(s for s in TABLE if s.library)
-
-
-def stage(name: str) -> Stage:
-    return STAGES[name]
 
 
 def downstream(name: str) -> tuple[str, ...]:

@@ -26,10 +26,6 @@ DVC_FRONT_END = {"register": "diffprune.tasks.dvc_register"}
 TEMPLATES = {"line": "linear", "bars": "bar_horizontal", "scatter": "scatter"}
 
 
-def _curve_path(stage: Stage, folder: str, file: str) -> str:
-    return f"{stage.out if folder == 'out' else METRICS}/{file}"
-
-
 def _stage(stage: Stage) -> dict:
     # DVC sees files, not functions: a library stage also depends on stages.py, where its function lives.
     code = ("diffprune/stages.py", *code_files(stage.name)) if stage.library else \
@@ -43,7 +39,7 @@ def _stage(stage: Stage) -> dict:
     outs: list = [stage.out] if stage.out else []
     if stage.checkpoints:
         outs.append({stage.checkpoints: {"persist": True}})  # kept, so an interrupted `dvc repro` resumes
-    outs += [{_curve_path(stage, c.folder, c.file): {"cache": False}}
+    outs += [{c.path(stage.out, METRICS).as_posix(): {"cache": False}}
              for c in stage.curves if c.dvc and c.folder == "metrics"]
     outs += [{f"{METRICS}/{name}": {"cache": False}} for name in stage.extra_metrics]
     entry = {"cmd": f"diffprune {stage.name}", "deps": deps, "params": [stage.params_key, *stage.extra_params]}
@@ -59,7 +55,7 @@ def _plots() -> list:
         for c in stage.curves:
             if c.dvc:
                 plots.append({c.title: {"template": TEMPLATES[c.kind], "x": c.x,
-                                        "y": {_curve_path(stage, c.folder, c.file): c.y}}})
+                                        "y": {c.path(stage.out, METRICS).as_posix(): c.y}}})
         plots += [f"{stage.out}/{image}" for image in stage.images]
     return plots
 

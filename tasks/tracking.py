@@ -100,10 +100,9 @@ class Tracker:
             for file in sorted(Path(metrics_dir).glob(f"{stage}*")):
                 self.client.log_artifact(run_id, str(file), "metrics")
             for curve in entry.curves:
-                folder = output_dir if curve.folder == "out" else metrics_dir
-                if folder is None or not Path(folder, curve.file).is_file():
+                source = curve.path(output_dir, metrics_dir)
+                if source is None or not source.is_file():
                     continue
-                source = Path(folder, curve.file)
                 plot = self._log_curve(curve, source, run_id, Path(tmp))
                 if plot:
                     self.client.log_artifact(run_id, str(plot), "plots")

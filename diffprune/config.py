@@ -35,12 +35,22 @@ class DataParams(_Strict):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share: the FID real-data floor")
     max_images: int | None = Field(None, ge=2, description="cap on images taken from the source")
     download: bool = Field(True, description="cifar10: download when no local copy exists")
+    captions: str | None = Field(
+        None, description="text models: a captions.jsonl of {file, text} per image (imagefolder, relative to path)")
+    caption_template: str | None = Field(
+        None, description="text models: or a caption per class folder, e.g. 'a handwritten digit {label}'")
     seed: int = Field(0, description="the train/held-out split")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:
         if self.dataset == "imagefolder" and not self.path:
             raise ValueError("data.path is required when data.dataset is 'imagefolder'")
+        if self.captions and self.caption_template:
+            raise ValueError("set at most one of data.captions and data.caption_template")
+        if self.captions and self.dataset != "imagefolder":
+            raise ValueError("data.captions needs data.dataset 'imagefolder' (other datasets: caption_template)")
+        if self.caption_template is not None and "{label}" not in self.caption_template:
+            raise ValueError("data.caption_template must contain {label}")
         return self
 
     @property
@@ -78,6 +88,8 @@ class FinetuneParams(TrainParams):
     checkpoint_every: int = Field(100, ge=1, json_schema_extra=RESUMABLE, description="steps between checkpoints")
     distill: bool = Field(True, description="target = w * teacher's epsilon + (1 - w) * true noise")
     distill_weight: float = Field(0.7, ge=0.0, le=1.0, description="w: the share of the teacher's target")
+    condition_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="conditional models: share of null conditions (classifier-free guidance)")
 
 
 class ArchParams(_Strict):
@@ -107,7 +119,10 @@ class TeacherParams(_Strict):
     """Where the model to prune comes from (stage teacher)."""
 
     source: Literal["builtin", "pretrained", "scratch"] = Field(
-        "builtin", description="builtin (shipped; trained by source=scratch) | pretrained | scratch")
+        "builtin", description="builtin (shipped, see builtin) | pretrained | scratch")
+    builtin: Literal["teacher-digits16", "latent-digits32"] = Field(
+        "teacher-digits16", description="teacher-digits16 (pixel; trained by source=scratch) | latent-digits32 "
+                                        "(latent, class-conditional; python -m diffprune.latent_teacher)")
     pretrained: str | None = Field(
         None, description="hub id (google/ddpm-cifar10-32) or a local save_pretrained folder")
     num_train_timesteps: int = Field(1000, ge=2, description="T of the DDPM schedule (source=scratch)")
@@ -130,6 +145,9 @@ class ScoreParams(_Strict):
     batch_size: int = Field(32, ge=1, description="the fixed batch x0 (the paper: 128 on CIFAR-10); 32 keeps "
                                                   "scoring ~2 min on 2 CPU cores")
     n_batches: int = Field(1, ge=1, description="batches averaged per timestep")
+    include_null: bool = Field(
+        False, description="conditional models: also score each batch under the null condition (models trained "
+                           "with condition dropout for guidance)")
     seed: int = Field(0, description="which images form x0, and their noise")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
 
@@ -142,6 +160,8 @@ class PruneParams(_Strict):
     target_macs: float | None = Field(
         None, gt=0.0, le=1.0, description="or: keep this fraction of the teacher's MACs (set pruning_ratio to null)")
     reinit: bool = Field(False, description="re-initialise weights after pruning (the scratch-training baseline)")
+    round_to: int | None = Field(
+        None, ge=1, description="keep every pruned width a multiple of this (the official LDM path: 2; GPUs like 8)")
     seed: int = Field(0, description="the random criteria and re-initialisation")
 
     @model_validator(mode="after")
@@ -167,6 +187,10 @@ class EvaluateParams(_Strict):
     sampler: Literal["ddim", "ddpm"] = Field("ddim", description="ddim (eta 0) | ddpm")
     steps: int = Field(50, ge=1, le=10000, description="the paper uses 100; 50 halves the CPU time of the default run")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM's eta")
+    guidance_scale: float = Field(
+        1.0, ge=0.0, description="conditional models: classifier-free guidance scale (1: none; the paper's LDM: 3)")
+    clip_model: str | None = Field(
+        None, description="text models: a CLIP model (hub id or folder) for the CLIP score; absent: not reported")
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="one sample set per seed; mean and spread")
     n_samples: int | None = Field(
         None, ge=2, description="images per seed; null = the held-out count, so the floor uses equal counts")

@@ -2,11 +2,15 @@
 
 Layout written by :func:`prepare_dataset` (all arrays NHWC uint8, saved with ``allow_pickle=False``)::
 
-    train.npy  train_labels.npy  test.npy  test_labels.npy  manifest.json
+    train.npy  train_labels.npy  test.npy  test_labels.npy  manifest.json  [captions.json]
+
+``captions.json`` (``{"train": [...], "test": [...]}``, one caption per image) is written for text
+models, from ``data.captions`` (a JSONL file) or ``data.caption_template`` over the class names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.error
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ class Prepared:
     test: np.ndarray
     test_labels: np.ndarray
     manifest: dict
+    captions: dict[str, list[str]] | None = None  # "train" / "test": one caption per image
 
     @property
     def channels(self) -> int:
@@ -44,7 +49,12 @@ class Prepared:
 def prepare_dataset(params: DataParams, out_dir: str | Path) -> dict:
     """Build the dataset named by ``params`` and write it atomically to ``out_dir``; return the manifest."""
     loader = {"digits": _digits, "imagefolder": _imagefolder, "cifar10": _cifar10}[params.dataset]
-    train, train_labels, test, test_labels, source, classes = loader(params)
+    train, train_labels, test, test_labels, source, classes, captions = loader(params)
+    if params.caption_template is not None:
+        if not classes:
+            raise DiffpruneError("data.caption_template needs class labels (class subfolders for imagefolder)")
+        captions = {split: [params.caption_template.format(label=classes[i]) for i in labels]
+                    for split, labels in (("train", train_labels), ("test", test_labels))}
     manifest = {
         "dataset": params.dataset,
         "source": source,
@@ -61,8 +71,17 @@ def prepare_dataset(params: DataParams, out_dir: str | Path) -> dict:
         for name, arr in zip(_ARRAYS, (train, train_labels, test, test_labels), strict=True):
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
             manifest["files"][f"{name}.npy"] = sha256_file(tmp / f"{name}.npy")
+        if captions is not None:
+            write_json(tmp / "captions.json", captions)
+            manifest["files"]["captions.json"] = sha256_file(tmp / "captions.json")
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def dataset_key(data: Prepared) -> str:
+    """Content hash of a prepared dataset (its files' checksums)."""
+    files = data.manifest["files"]
+    return hashlib.sha256("".join(files[k] for k in sorted(files)).encode()).hexdigest()[:16]
 
 
 def load_prepared(data_dir: str | Path) -> Prepared:
@@ -82,10 +101,17 @@ def load_prepared(data_dir: str | Path) -> Prepared:
         if not path.is_file() or sha256_file(path) != files.get(path.name):
             raise DiffpruneError(f"{path}: missing or does not match its checksum in manifest.json")
         arrays.append(np.load(path, allow_pickle=False))
-    return Prepared(*arrays, manifest=manifest)
+    captions = None
+    if "captions.json" in files:
+        path = data_dir / "captions.json"
+        if not path.is_file() or sha256_file(path) != files["captions.json"]:
+            raise DiffpruneError(f"{path}: missing or does not match its checksum in manifest.json")
+        captions = json.loads(path.read_text())
+    return Prepared(*arrays, manifest=manifest, captions=captions)
 
 
-def _split(images: np.ndarray, labels: np.ndarray, params: DataParams) -> tuple[np.ndarray, ...]:
+def _split(images: np.ndarray, labels: np.ndarray, params: DataParams, texts: list[str] | None = None) -> tuple:
+    """(train, train labels, test, test labels, captions or None) of a seeded split."""
     rng = np.random.default_rng(params.seed)
     order = rng.permutation(len(images))
     if params.max_images:
@@ -94,7 +120,8 @@ def _split(images: np.ndarray, labels: np.ndarray, params: DataParams) -> tuple[
     if n_test >= len(order):
         raise DiffpruneError(f"data.test_fraction {params.test_fraction} leaves no training images")
     test, train = order[:n_test], order[n_test:]
-    return images[train], labels[train], images[test], labels[test]
+    captions = None if texts is None else {"train": [texts[i] for i in train], "test": [texts[i] for i in test]}
+    return images[train], labels[train], images[test], labels[test], captions
 
 
 def _to_array(img: Image.Image, params: DataParams) -> np.ndarray:
@@ -118,7 +145,8 @@ def _digits(params: DataParams):
     raw = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
     images = np.stack([_to_array(Image.fromarray(im), params) for im in raw])
     labels = bunch.target.astype(np.int64)
-    return (*_split(images, labels, params), "sklearn.datasets.load_digits", [str(c) for c in range(10)])
+    train, train_labels, test, test_labels, _ = _split(images, labels, params)
+    return train, train_labels, test, test_labels, "sklearn.datasets.load_digits", [str(c) for c in range(10)], None
 
 
 def _imagefolder(params: DataParams):
@@ -139,7 +167,36 @@ def _imagefolder(params: DataParams):
         except (UnidentifiedImageError, OSError) as exc:
             raise DiffpruneError(f"{path}: not a readable image ({type(exc).__name__})") from None
     labels = np.array([classes.index(r[0]) if classes else -1 for r in rel], dtype=np.int64)
-    return (*_split(np.stack(images), labels, params), f"imagefolder:{root.resolve()}", classes)
+    texts = _read_captions(params, root, ["/".join(r) for r in rel]) if params.captions else None
+    *arrays, captions = _split(np.stack(images), labels, params, texts)
+    return (*arrays, f"imagefolder:{root.resolve()}", classes, captions)
+
+
+def _read_captions(params: DataParams, root: Path, names: list[str]) -> list[str]:
+    """One caption per image from a JSONL file of ``{"file": <path relative to data.path>, "text": ...}``."""
+    path = Path(params.captions)
+    path = path if path.is_absolute() or path.is_file() else root / path
+    texts: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DiffpruneError(f"data.captions {path}: cannot read ({exc.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            texts[str(row["file"])] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            raise DiffpruneError(f"{path}:{n}: expected a JSON object with 'file' and 'text'") from None
+    missing = [name for name in names if name not in texts]
+    if missing:
+        raise DiffpruneError(f"{path}: no caption for {len(missing)} of the {len(names)} images, e.g. {missing[0]}")
+    unknown = sorted(set(texts) - set(names))
+    if unknown:
+        raise DiffpruneError(f"{path}: captions for {len(unknown)} files that are not images of data.path, "
+                             f"e.g. {unknown[0]}")
+    return [texts[name] for name in names]
 
 
 def _cifar10(params: DataParams):
@@ -164,4 +221,4 @@ def _cifar10(params: DataParams):
             keep = max(1, int(params.max_images * (1 - params.test_fraction if train else params.test_fraction)))
             images, labels = images[:keep], labels[:keep]
         splits += [images, labels]
-    return (*splits, f"torchvision.CIFAR10:{root.resolve()}", list(ds.classes))
+    return (*splits, f"torchvision.CIFAR10:{root.resolve()}", list(ds.classes), None)

@@ -54,10 +54,9 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def classifier_extractor(
-    data: Prepared, params: ExtractorParams, cache: Path, device: torch.device
-) -> tuple[Extractor, dict]:
-    """Train (or load from ``cache``) the dataset's classifier and wrap it as a clean-fid extractor."""
+def project_classifier(data: Prepared, params: ExtractorParams, cache: Path,
+                       device: torch.device) -> tuple[DigitClassifier, dict]:
+    """The dataset's classifier, trained once and cached in ``cache`` (its held-out accuracy in the info)."""
     if (data.train_labels < 0).any() or len(np.unique(data.train_labels)) < 2:
         raise DiffpruneError(
             "FID: the dataset has no class labels to train a feature extractor on; place clean-fid's "
@@ -72,7 +71,22 @@ def classifier_extractor(
     info = json.loads((cache / "classifier.json").read_text())
     net = DigitClassifier(data.channels, classes, params.feature_dim)
     net.load_state_dict(load_file(cache / "classifier.safetensors"))
-    net = net.to(device).eval()
+    return net.to(device).eval(), info
+
+
+@torch.no_grad()
+def classify(net: DigitClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Predicted labels of NHWC uint8 images."""
+    device = next(net.parameters()).device
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.cat([net(b.to(device)).argmax(1).cpu() for b in x.split(batch_size)]).numpy()
+
+
+def classifier_extractor(
+    data: Prepared, params: ExtractorParams, cache: Path, device: torch.device
+) -> tuple[Extractor, dict]:
+    """The dataset's classifier (:func:`project_classifier`) wrapped as a clean-fid extractor."""
+    net, info = project_classifier(data, params, cache, device)
     channels = data.channels
 
     def extract(batch: torch.Tensor) -> torch.Tensor:

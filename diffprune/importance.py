@@ -41,28 +41,36 @@ def accumulate_gradients(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    contexts: list[torch.Tensor | None] | None = None,
 ) -> GradientPass:
-    """Run the timestep loop over ``batches`` (each NCHW in [-1, 1]); see the module docstring."""
+    """Run the timestep loop over ``batches`` (model inputs x0, NCHW); see the module docstring.
+
+    ``contexts``: the cross-attention context of each batch's conditions (conditional models); a batch
+    given twice with different contexts (its real and its null condition) shares its noise.
+    """
     unet = unet.to(device).eval()
     unet.zero_grad(set_to_none=True)
     T = scheduler.config.num_train_timesteps
     alphas = scheduler.alphas_cumprod.to(device)
-    noises = []
+    noises, first = [], {}
     for b, x0 in enumerate(batches):
-        gen = torch.Generator().manual_seed(derive_seed(seed, b))
+        b0 = first.setdefault(id(x0), b)  # the same batch object draws the same noise
+        gen = torch.Generator().manual_seed(derive_seed(seed, b0))
         noises.append(torch.randn(x0.shape, generator=gen).to(device))
     batches = [x.to(device) for x in batches]
+    contexts = [None if c is None else c.to(device) for c in (contexts or [None] * len(batches))]
     stop = thr if criterion_row(criterion).uses_threshold else 0.0
     visited, losses, loss_max = [], [], 0.0
     start = time.perf_counter()
     bar = tqdm(range(T), desc=f"score {criterion}", disable=not progress, unit="t", leave=False)
     for t in bar:
         total = 0.0
-        for x0, eps in zip(batches, noises, strict=True):
+        for x0, eps, context in zip(batches, noises, contexts, strict=True):
             a = alphas[t]
             xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
             timestep = torch.full((len(x0),), t, device=device, dtype=torch.long)
-            loss = F.mse_loss(unet(xt, timestep).sample, eps) / len(batches)
+            kwargs = {} if context is None else {"encoder_hidden_states": context}
+            loss = F.mse_loss(unet(xt, timestep, **kwargs).sample, eps) / len(batches)
             loss.backward()
             total += loss.item()
         visited.append(t)

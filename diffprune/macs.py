@@ -1,4 +1,4 @@
-"""Model cost as the paper counts it: MACs of one forward at batch 1 and native resolution, and params.
+"""Model cost as the paper counts it: MACs of one denoiser call at batch 1 and native resolution, and params.
 
 A module of its own so that the stages which count MACs (prune, evaluate) do not depend on the FID code.
 """
@@ -8,12 +8,17 @@ from __future__ import annotations
 import torch
 
 
-def macs_and_params(unet: torch.nn.Module) -> tuple[int, int]:
-    """MACs of one UNet forward at batch 1 and native resolution, and the parameter count."""
+def macs_and_params(unet: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
+    """MACs of one denoiser forward at batch 1 and native resolution, and the parameter count.
+
+    ``inputs``: the call to count (a conditional model's context length changes its cross-attention
+    cost); by default zeros of the configured widths and a context of length 1.
+    """
     import torch_pruning as tp
 
-    cfg = unet.config
-    device = next(unet.parameters()).device
-    x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
-    macs, params = tp.utils.count_ops_and_params(unet, (x, torch.ones(1, dtype=torch.long, device=device)))
+    from diffprune.family import example_inputs_for
+
+    inputs = example_inputs_for(unet) if inputs is None else inputs
+    # Positional (sample, timestep[, encoder_hidden_states]): the counter warns on keyword-only calls.
+    macs, params = tp.utils.count_ops_and_params(unet, tuple(inputs.values()))
     return int(macs), int(params)

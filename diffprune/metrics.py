@@ -14,7 +14,8 @@ from cleanfid import fid as cleanfid
 
 from diffprune.atomic import atomic_dir
 from diffprune.config import EvaluateParams
-from diffprune.data import Prepared
+from diffprune.data import Prepared, dataset_key
+from diffprune.family import Diffusion
 from diffprune.features import Extractor, classifier_extractor, inception_extractor
 from diffprune.sampling import save_pngs
 
@@ -60,11 +61,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def dataset_key(data: Prepared) -> str:
-    files = data.manifest["files"]
-    return hashlib.sha256("".join(files[k] for k in sorted(files)).encode()).hexdigest()[:16]
-
-
 def fid_reference(data: Prepared, params: EvaluateParams, device: torch.device) -> FidReference:
     """Choose the extractor, write the real images once, and cache reference statistics per dataset+extractor."""
     root = Path(params.cache_dir) / dataset_key(data)
@@ -82,10 +78,8 @@ def fid_reference(data: Prepared, params: EvaluateParams, device: torch.device) 
         extract = inception_extractor(params, device)
     else:
         ex = params.extractor
-        name, native = f"classifier-{ex.feature_dim}d", True
-        ex_id = hashlib.sha256(ex.model_dump_json().encode()).hexdigest()[:8]
-        extract, info = classifier_extractor(data, ex, root / f"classifier-{ex_id}", device)
-        name = f"{name}-{ex_id}"
+        extract, info = classifier_extractor(data, ex, classifier_cache(data, params), device)
+        name, native = f"classifier-{ex.feature_dim}d-{_extractor_id(params)}", True
     stats = root / f"stats-{name}"
     ref = FidReference(name, extract, np.zeros(0), np.zeros(0), np.zeros(0), native, device, info)
     if not (stats / "train_mu.npy").is_file():
@@ -98,6 +92,15 @@ def fid_reference(data: Prepared, params: EvaluateParams, device: torch.device) 
     ref.sigma = np.load(stats / "train_sigma.npy")
     ref.test_features = np.load(stats / "test_features.npy")
     return ref
+
+
+def _extractor_id(params: EvaluateParams) -> str:
+    return hashlib.sha256(params.extractor.model_dump_json().encode()).hexdigest()[:8]
+
+
+def classifier_cache(data: Prepared, params: EvaluateParams) -> Path:
+    """Where the dataset's classifier is kept: FID features and conditional accuracy share it."""
+    return Path(params.cache_dir) / dataset_key(data) / f"classifier-{_extractor_id(params)}"
 
 
 def real_floor(ref: FidReference, n: int, seeds: tuple[int, ...]) -> tuple[list[float], int]:
@@ -134,23 +137,30 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> 
 
 
 @torch.no_grad()
-def latency_pair(models: dict[str, torch.nn.Module], batch: int, steps: int, repeats: int,
-                 device: torch.device) -> dict[str, float]:
-    """Seconds per ``steps`` denoising calls at ``batch``: median of ``repeats``, the models interleaved
-    so that machine noise hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+def latency_pair(models: dict[str, Diffusion], batch: int, steps: int, repeats: int, device: torch.device,
+                 guidance: float = 1.0) -> dict[str, dict[str, float]]:
+    """Per model: ``denoise_s``, seconds of ``steps`` denoising calls at ``batch`` (guided calls when
+    ``guidance`` ≠ 1: both halves), and ``decode_s``, seconds to decode the batch (0 for pixel models).
+    Medians of ``repeats``, the models interleaved so that machine noise hits all of them alike."""
+    times: dict[str, dict[str, list[float]]] = {name: {"denoise_s": [], "decode_s": []} for name in models}
     for _ in range(repeats + 1):  # the first round warms up allocators and kernels
         for name, model in models.items():
-            model = model.to(device).eval()
-            cfg = model.config
-            x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+            model = model.to(device)
+            model.unet.eval()
+            x = torch.randn(batch, *model.input_shape, device=device)
+            context = model.null_context(batch, device)  # any context costs the same
+            null = context if guidance != 1.0 else None
             _sync(device)
             t0 = time.perf_counter()
             for t in range(steps):
-                x = model(x, torch.tensor(999 - t, device=device)).sample
+                x = model.predict(x, torch.tensor(999 - t, device=device), context, guidance=guidance, null=null)
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(v[1:])) for name, v in times.items()}
+            t1 = time.perf_counter()
+            model.decode(x)
+            _sync(device)
+            times[name]["denoise_s"].append(t1 - t0)
+            times[name]["decode_s"].append(time.perf_counter() - t1 if model.autoencoder is not None else 0.0)
+    return {name: {k: float(np.median(v[1:])) for k, v in parts.items()} for name, parts in times.items()}
 
 
 def _sync(device: torch.device) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -25,10 +25,12 @@ _WIDTH_ATTRS = (
     "in_channels", "out_channels", "in_features", "out_features", "num_channels", "num_features",
     "channels", "heads", "inner_dim", "inner_kv_dim", "query_dim", "out_dim",
 )
+_SHAPE_ATTRS = ("normalized_shape",)  # LayerNorm: a tuple of widths
 _FORMAT = "diffprune-architecture/1"
+DENOISERS = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
 
 
-def describe(unet: UNet2DModel) -> dict:
+def describe(unet: torch.nn.Module) -> dict:
     """The JSON architecture: base config plus every module's widths and tensor shapes."""
     modules = {}
     for name, module in unet.named_modules():
@@ -38,17 +40,22 @@ def describe(unet: UNet2DModel) -> dict:
         attrs = {} if module is unet else {
             a: getattr(module, a) for a in _WIDTH_ATTRS if isinstance(getattr(module, a, None), int)
         }
+        attrs.update({a: list(getattr(module, a)) for a in _SHAPE_ATTRS if isinstance(getattr(module, a, None), tuple)})
         if tensors or attrs:
             modules[name] = {"type": type(module).__name__, "attrs": attrs, "tensors": tensors}
-    return {"format": _FORMAT, "config": _jsonable(dict(unet.config)), "modules": modules}
+    return {"format": _FORMAT, "class": type(unet).__name__, "config": _jsonable(dict(unet.config)),
+            "modules": modules}
 
 
-def rebuild(arch: dict, source: str) -> UNet2DModel:
-    """An uninitialised-width-correct UNet matching ``arch`` (weights still to be loaded)."""
+def rebuild(arch: dict, source: str) -> torch.nn.Module:
+    """An uninitialised-width-correct denoiser matching ``arch`` (weights still to be loaded)."""
     if arch.get("format") != _FORMAT:
         raise DiffpruneError(f"{source}: unknown architecture format {arch.get('format')!r}")
+    cls = DENOISERS.get(arch.get("class", "UNet2DModel"))  # files of diffprune <0.3 name no class
+    if cls is None:
+        raise DiffpruneError(f"{source}: class {arch.get('class')!r} is not one of {', '.join(DENOISERS)}")
     try:
-        unet = UNet2DModel.from_config(arch["config"])
+        unet = cls.from_config(arch["config"])
     except (TypeError, ValueError, KeyError) as exc:
         raise DiffpruneError(f"{source}: invalid base config ({exc})") from None
     named = dict(unet.named_modules())
@@ -57,7 +64,7 @@ def rebuild(arch: dict, source: str) -> UNet2DModel:
         if module is None or type(module).__name__ != spec["type"]:
             raise DiffpruneError(f"{source}: module {name!r} ({spec['type']}) does not exist in the base model")
         for attr, value in spec["attrs"].items():
-            setattr(module, attr, value)
+            setattr(module, attr, tuple(value) if attr in _SHAPE_ATTRS else value)
         for tname, shape in spec["tensors"].items():
             old = getattr(module, tname, None)
             if not isinstance(old, torch.Tensor):
@@ -72,7 +79,7 @@ def rebuild(arch: dict, source: str) -> UNet2DModel:
     return unet
 
 
-def load_exact(unet_dir: Path) -> UNet2DModel:
+def load_exact(unet_dir: Path) -> torch.nn.Module:
     """Load ``unet_dir`` (``architecture.json`` + safetensors) into an exact replica."""
     arch_path = unet_dir / ARCH_FILE
     try:

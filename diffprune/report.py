@@ -37,6 +37,10 @@ def headline(summaries: dict[str, dict]) -> dict:
         "fid_extractor": evaluate["fid_extractor"], "sampler": evaluate["sampler"],
         "sampler_steps": evaluate["sampler_steps"], "n_samples": evaluate["n_samples"],
         "seeds": len(evaluate["seeds"]), "fid_real_floor": evaluate.get("fid_real_floor"),
+        "family": evaluate.get("family", "pixel-unconditional"), "guidance_scale": evaluate.get("guidance_scale"),
+        "pipeline_speedup": evaluate.get("pipeline_speedup"),
+        "teacher_accuracy": t.get("accuracy"), "accuracy": p.get("accuracy"),
+        "teacher_clip_score": t.get("clip_score"), "clip_score": p.get("clip_score"),
     }
 
 
@@ -78,6 +82,13 @@ def render(h: dict, title: str = "diffprune run", links: dict[str, str] | None =
         f"- Importance scoring visited {visited} timesteps in {_num(h.get('score_seconds'), 1)} s; "
         f"fine-tuning took {_num(h.get('finetune_seconds'), 1)} s.",
     ]
+    if h.get("family", "pixel-unconditional") != "pixel-unconditional":
+        guided = f", guidance scale {_num(h.get('guidance_scale'), 1)}" if h.get("guidance_scale") is not None else ""
+        lines.append(f"- Model family {h['family']}{guided}; whole-pipeline speed-up (denoising steps + decoding) "
+                     f"{_num(h.get('pipeline_speedup'), 2)}×.")
+    for metric, label in (("accuracy", "conditional accuracy"), ("clip_score", "CLIP score")):
+        if h.get(metric) is not None:
+            lines.append(f"- {label}: teacher {_num(h.get(f'teacher_{metric}'))}, pruned {_num(h[metric])}.")
     for name, where in (links or {}).items():
         lines.append(f"- {name}: {where}")
     return "\n".join(lines) + "\n"

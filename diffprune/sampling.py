@@ -1,4 +1,5 @@
-"""DDIM / DDPM sampling with per-image noise streams, PNG folders and sample grids.
+"""DDIM / DDPM sampling (with classifier-free guidance for conditional models), per-image noise
+streams, PNG folders and sample grids.
 
 Image ``i`` of seed ``s`` always starts from (and, for stochastic samplers, keeps drawing from) the
 generator ``derive_seed(s, i)``, whatever the batch size or device: a teacher and a student sampled
@@ -16,6 +17,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffprune.errors import DiffpruneError
+from diffprune.family import Diffusion
 from diffprune.seeding import derive_seed
 
 
@@ -27,13 +30,19 @@ def make_sampler(train_scheduler: DDPMScheduler, sampler: str, steps: int) -> DD
     return sched
 
 
+def sample(unet: UNet2DModel, train_scheduler: DDPMScheduler, n: int, seed: int, **kwargs) -> np.ndarray:
+    """Generate ``n`` images (NHWC uint8) with an unconditional pixel model (see :func:`generate`)."""
+    return generate(Diffusion(unet, train_scheduler), n, seed, **kwargs)
+
+
 @torch.no_grad()
-def sample(
-    unet: UNet2DModel,
-    train_scheduler: DDPMScheduler,
+def generate(
+    model: Diffusion,
     n: int,
     seed: int,
     *,
+    conditions: list | None = None,
+    guidance: float = 1.0,
     sampler: str = "ddim",
     steps: int = 100,
     eta: float = 0.0,
@@ -42,20 +51,28 @@ def sample(
     desc: str = "sample",
     progress: bool = True,
 ) -> np.ndarray:
-    """Generate ``n`` images (NHWC uint8)."""
-    unet = unet.to(device).eval()
-    cfg = unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    """Generate ``n`` images (NHWC uint8): image ``i`` from noise stream ``derive_seed(seed, i)`` and, for a
+    conditional model, ``conditions[i]`` (a label or a prompt), guided with scale ``guidance``."""
+    if model.conditional and (conditions is None or len(conditions) != n):
+        raise DiffpruneError(f"a {model.family} model needs one condition per image ({n})")
+    if model.conditional:
+        model.condition.check(list(conditions), "conditions")
+    model = model.to(device)
+    model.unet.eval()
+    shape = model.input_shape
     out = []
     n_batches = math.ceil(n / batch_size)
-    bar = tqdm(total=n_batches * min(steps, train_scheduler.config.num_train_timesteps), desc=desc,
-               disable=not progress, unit="step", leave=False)
+    n_steps = min(steps, model.scheduler.config.num_train_timesteps)
+    bar = tqdm(total=n_batches * n_steps, desc=desc, disable=not progress, unit="step", leave=False)
     for start in range(0, n, batch_size):
-        gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, min(n, start + batch_size))]
-        sched = make_sampler(train_scheduler, sampler, steps)
+        stop = min(n, start + batch_size)
+        gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
+        sched = make_sampler(model.scheduler, sampler, steps)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        context = model.context(conditions[start:stop], device) if model.conditional else None
+        null = model.null_context(stop - start, device) if model.conditional and guidance != 1.0 else None
         for t in sched.timesteps:
-            eps = unet(x, t).sample
+            eps = model.predict(x, t, context, guidance=guidance, null=null)
             if sampler == "ddim":
                 noise = None
                 if eta > 0:
@@ -64,7 +81,7 @@ def sample(
             else:
                 x = sched.step(eps, t, x, generator=gens).prev_sample
             bar.update(1)
-        out.append(to_uint8(x))
+        out.append(to_uint8(model.decode(x)))
     bar.close()
     return np.concatenate(out)
 

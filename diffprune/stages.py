@@ -22,17 +22,20 @@ from diffprune.data import load_prepared, prepare_dataset
 from diffprune.devices import resolve_device
 from diffprune.errors import DiffpruneError
 from diffprune.evaluation import evaluate_pair
+from diffprune.family import Diffusion
 from diffprune.importance import accumulate_gradients
+from diffprune.latents import training_inputs, write_latents
 from diffprune.macs import macs_and_params
 from diffprune.models import (
-    BUILTIN_TEACHER,
+    ASSETS,
     build_unet,
     count_params,
+    load_diffusion,
     load_model,
     load_pretrained,
     make_scheduler,
     model_hash,
-    save_model,
+    save_diffusion,
 )
 from diffprune.pruning import layer_widths, prune_to_macs, prune_unet, reinitialise
 from diffprune.scores import read_scores, write_loss_over_t
@@ -51,7 +54,8 @@ def prepare(params: DataParams, *, out: PathLike, metrics: PathLike) -> dict:
 
 
 def teacher(params: TeacherParams, *, data: PathLike, out: PathLike, checkpoints: PathLike, metrics: PathLike) -> dict:
-    """Provide the model to prune: the shipped teacher, a pretrained one, or one trained from scratch."""
+    """Provide the model to prune: a shipped teacher, a pretrained one, or one trained from scratch.
+    For latent models the training set is encoded once, here, and kept with the teacher."""
     prepared = load_prepared(data)
     info: dict = {"source": params.source}
     start = time.perf_counter()
@@ -60,47 +64,54 @@ def teacher(params: TeacherParams, *, data: PathLike, out: PathLike, checkpoints
         unet = build_unet(params.architecture, prepared.resolution, prepared.channels)
         scheduler = make_scheduler(params.num_train_timesteps)
         result = train(unet, scheduler, prepared.train, params.train, checkpoints)
-        unet = result.model
+        model = Diffusion(result.model, scheduler)
         info.update(steps=result.steps, train_seconds=round(result.seconds, 1), world_size=result.world_size,
                     final_loss=result.final_loss)
         if is_main_process():
             write_loss_history(result.losses, Path(metrics) / "teacher_loss.csv")
     else:
-        ref = str(BUILTIN_TEACHER) if params.source == "builtin" else str(params.pretrained)
-        unet, scheduler = load_pretrained(ref)
-        info["pretrained"] = "builtin:teacher-digits16" if params.source == "builtin" else ref
-        _check_fits(unet, prepared.resolution, prepared.channels, ref)
-    info.update(params=count_params(unet), seconds=round(time.perf_counter() - start, 1))
+        ref = str(ASSETS / params.builtin) if params.source == "builtin" else str(params.pretrained)
+        model = load_pretrained(ref)
+        info["pretrained"] = f"builtin:{params.builtin}" if params.source == "builtin" else ref
+        _check_fits(model, prepared, ref)
+    info.update(family=model.family, params=count_params(model.unet), seconds=round(time.perf_counter() - start, 1))
     if is_main_process():
         Path(checkpoints).mkdir(parents=True, exist_ok=True)  # a declared DVC output, even when nothing trained
-        save_model(unet, scheduler, out)
+
+        def cache_latents(folder: Path) -> None:
+            if model.autoencoder is not None:
+                info.update(write_latents(folder, model, prepared))
+
+        save_diffusion(model, out, extra=cache_latents)
         write_json(Path(metrics) / "teacher.json", info)
     return info
 
 
-def _check_fits(unet, resolution: int, channels: int, ref: str) -> None:
-    cfg = unet.config
-    if cfg.in_channels != channels or (cfg.sample_size and cfg.sample_size != resolution):
+def _check_fits(model: Diffusion, prepared, ref: str) -> None:
+    """The model generates images of the prepared data's size and channels, and knows its conditions."""
+    if model.image_channels != prepared.channels or model.image_size != prepared.resolution:
         raise DiffpruneError(
-            f"teacher {ref}: expects {cfg.in_channels}-channel {cfg.sample_size}px images but the prepared "
-            f"data is {channels}-channel {resolution}px; set data.resolution / data.channels to match"
+            f"teacher {ref}: makes {model.image_channels}-channel {model.image_size}px images but the prepared "
+            f"data is {prepared.channels}-channel {prepared.resolution}px; set data.resolution / data.channels to match"
         )
+    model.conditions(prepared)
 
 
 def finetune(params: FinetuneParams, *, data: PathLike, student: PathLike, teacher: PathLike, out: PathLike,
              checkpoints: PathLike, metrics: PathLike) -> dict:
     """Fine-tune the student on the prepared data (distilled from the teacher when ``params.distill``)."""
     prepared = load_prepared(data)
-    unet, scheduler = load_model(student)
-    _check_fits(unet, prepared.resolution, prepared.channels, str(student))
+    model = load_diffusion(student)
+    _check_fits(model, prepared, str(student))
     teacher_unet = load_model(teacher)[0] if params.distill else None
-    result = train(unet, scheduler, prepared.train, params, checkpoints, teacher=teacher_unet,
-                   distill_weight=params.distill_weight if params.distill else 0.0)
+    result = train(model.unet, model.scheduler, training_inputs(model, teacher, prepared), params, checkpoints,
+                   teacher=teacher_unet, distill_weight=params.distill_weight if params.distill else 0.0,
+                   family=model, conditions=model.conditions(prepared), condition_dropout=params.condition_dropout)
     info = {"steps": result.steps, "train_seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
             "world_size": result.world_size, "final_loss": result.final_loss, "distill": params.distill,
-            "params": count_params(result.model)}
+            "params": count_params(result.model), "family": model.family}
     if is_main_process():
-        save_model(result.model, scheduler, out)
+        save_diffusion(model.with_unet(result.model), out)
         write_loss_history(result.losses, Path(metrics) / "finetune_loss.csv")
         write_json(Path(metrics) / "finetune.json", info)
     return info
@@ -108,11 +119,12 @@ def finetune(params: FinetuneParams, *, data: PathLike, student: PathLike, teach
 
 def evaluate(params: EvaluateParams, *, data: PathLike, teacher: PathLike, student: PathLike, out: PathLike,
              metrics: PathLike) -> dict:
-    """Sample teacher and student from the same noise into ``out``; FID (per seed), SSIM, MACs, params, latency."""
+    """Sample teacher and student from the same noise (and conditions) into ``out``; FID per seed, SSIM,
+    conditional accuracy, MACs, params, latency of the denoiser and of the whole pipeline."""
     prepared = load_prepared(data)
-    teacher_model, student_model = load_model(teacher), load_model(student)
-    for unet, where in ((teacher_model[0], teacher), (student_model[0], student)):
-        _check_fits(unet, prepared.resolution, prepared.channels, str(where))
+    teacher_model, student_model = load_diffusion(teacher), load_diffusion(student)
+    for model, where in ((teacher_model, teacher), (student_model, student)):
+        _check_fits(model, prepared, str(where))
     start = time.perf_counter()
     result = evaluate_pair(prepared, teacher_model, student_model, params, Path(out))
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -134,7 +146,8 @@ def _write_fid_vs_macs(result: dict, path: Path) -> None:
 def score(params: ScoreParams, *, data: PathLike, teacher: PathLike, out: PathLike, metrics: PathLike) -> dict:
     """Accumulate the gradients that rank channels (diff-pruning: informative timesteps only)."""
     prepared = load_prepared(data)
-    unet, scheduler = load_model(teacher)
+    model = load_diffusion(teacher)
+    unet = model.unet
     need = params.batch_size * params.n_batches
     if need > len(prepared.train):
         raise DiffpruneError(
@@ -142,13 +155,13 @@ def score(params: ScoreParams, *, data: PathLike, teacher: PathLike, out: PathLi
     row = criterion_row(params.criterion)
     info = {"criterion": params.criterion, "thr": params.thr if row.uses_threshold else None,
             "batch_size": params.batch_size, "n_batches": params.n_batches, "seed": params.seed,
-            "teacher": model_hash(unet)}
+            "teacher": model_hash(unet), "family": model.family}
     with atomic_dir(out) as tmp:
         if row.needs_gradients:
-            order = np.random.default_rng(params.seed).permutation(len(prepared.train))[:need]
-            x0 = images_to_tensor(prepared.train[order])
-            result = accumulate_gradients(unet, scheduler, list(x0.split(params.batch_size)), params.criterion,
-                                          params.thr, params.seed, resolve_device(params.device))
+            device = resolve_device(params.device)
+            batches, contexts = _score_batches(model, teacher, prepared, params, device)
+            result = accumulate_gradients(unet, model.scheduler, batches, params.criterion, params.thr, params.seed,
+                                          device, contexts=contexts)
             save_file({k: v.contiguous().cpu() for k, v in result.grads.items()}, tmp / "gradients.safetensors")
             write_loss_over_t(result.timesteps, result.losses, tmp / "loss_over_t.csv")
             _write_layer_importance(unet, result.grads, tmp / "importance.csv")
@@ -160,6 +173,25 @@ def score(params: ScoreParams, *, data: PathLike, teacher: PathLike, out: PathLi
         write_json(tmp / "score.json", info)
     write_json(Path(metrics) / "score.json", info)
     return info
+
+
+def _score_batches(model: Diffusion, teacher: PathLike, prepared, params: ScoreParams, device) -> tuple[list, list]:
+    """The fixed batches x0 of the score pass and their contexts (real conditions, and the null one
+    when ``include_null``: the same batch scored twice)."""
+    order = np.random.default_rng(params.seed).permutation(len(prepared.train))[:params.batch_size * params.n_batches]
+    inputs = training_inputs(model, teacher, prepared)
+    x0 = images_to_tensor(inputs[order]) if isinstance(inputs, np.ndarray) else inputs[order]
+    batches = list(x0.split(params.batch_size))
+    if not model.conditional:
+        return batches, [None] * len(batches)
+    conditions = model.conditions(prepared)
+    picked = [conditions[i] for i in order]
+    contexts = [model.context(picked[i:i + params.batch_size], device)
+                for i in range(0, len(picked), params.batch_size)]
+    if params.include_null:
+        batches = batches + batches
+        contexts = contexts + [model.null_context(len(b), device) for b in batches[:len(contexts)]]
+    return batches, contexts
 
 
 def _write_layer_importance(unet, grads: dict, path: Path) -> None:
@@ -174,28 +206,32 @@ def _write_layer_importance(unet, grads: dict, path: Path) -> None:
 
 
 def prune(params: PruneParams, *, teacher: PathLike, scores: PathLike, out: PathLike, metrics: PathLike) -> dict:
-    """Remove the lowest-ranked channels (paper semantics) at a ratio or a MACs target; save pickle-free."""
-    unet, scheduler = load_model(teacher)
+    """Remove the lowest-ranked channels (paper semantics) at a ratio or a MACs target; save pickle-free.
+    Only the denoiser is pruned; the frozen parts (autoencoder, conditioner) are saved with it."""
+    model = load_diffusion(teacher)
+    unet = model.unet
     ranked = read_scores(scores, model_hash(unet))
     criterion = ranked["criterion"]
     grads = ranked.get("gradients")
-    before_macs, before_params = macs_and_params(unet)
+    inputs = model.example_inputs()
+    before_macs, before_params = macs_and_params(unet, inputs)
     start = time.perf_counter()
     if params.target_macs is not None:
-        unet, ratio = prune_to_macs(unet, params.target_macs, criterion, grads, params.seed)
+        unet, ratio = prune_to_macs(unet, params.target_macs, criterion, grads, params.seed, round_to=params.round_to)
     else:
         ratio = params.pruning_ratio
-        unet = prune_unet(unet, ratio, criterion, grads, params.seed)
+        unet = prune_unet(unet, ratio, criterion, grads, params.seed, params.round_to)
     reinit = params.reinit or criterion_row(criterion).reinit
     if reinit:
         reinitialise(unet, params.seed)
     seconds = time.perf_counter() - start
-    macs, n_params = macs_and_params(unet)
+    macs, n_params = macs_and_params(unet, inputs)
     info = {"criterion": criterion, "pruning_ratio": ratio, "target_macs": params.target_macs, "reinit": reinit,
+            "round_to": params.round_to, "family": model.family,
             "teacher": {"macs": before_macs, "params": before_params},
             "pruned": {"macs": macs, "params": n_params},
             "macs_ratio": macs / before_macs, "params_ratio": n_params / before_params,
             "seconds": round(seconds, 2), "widths": layer_widths(unet)}
-    save_model(unet, scheduler, out)
+    save_diffusion(model.with_unet(unet), out)
     write_json(Path(metrics) / "prune.json", info)
     return info

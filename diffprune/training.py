@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from diffprune.atomic import atomic_file
 from diffprune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from diffprune.config import TrainParams, resumable_fields
 from diffprune.errors import DiffpruneError
+from diffprune.family import Diffusion
 from diffprune.models import model_hash
 from diffprune.seeding import derive_seed
 from diffprune.tensors import images_to_tensor
@@ -39,12 +40,13 @@ from diffprune.tensors import images_to_tensor
 
 @dataclass
 class TrainResult:
-    model: UNet2DModel  # EMA weights, on the CPU
+    model: torch.nn.Module  # the denoiser's EMA weights, on the CPU
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     resumed_from: int | None = None
     seconds: float = 0.0
     world_size: int = 1
+    condition: torch.nn.Module | None = None  # the label embedding's EMA weights when trained with the unet
 
     @property
     def final_loss(self) -> float:
@@ -54,18 +56,27 @@ class TrainResult:
 
 
 def train(
-    unet: UNet2DModel,
+    unet: torch.nn.Module,
     scheduler: DDPMScheduler,
-    images: np.ndarray,
+    images: np.ndarray | torch.Tensor,
     params: TrainParams,
     ckpt_root: str | Path,
     *,
-    teacher: UNet2DModel | None = None,
+    teacher: torch.nn.Module | None = None,
     distill_weight: float = 0.0,
     fingerprint_extra: str = "",
     on_checkpoint: Callable[[int], None] | None = None,
+    family: Diffusion | None = None,
+    conditions: np.ndarray | list | None = None,
+    condition_dropout: float = 0.0,
+    train_condition: bool = False,
 ) -> TrainResult:
     """Train ``unet`` on ``images`` for ``params.steps`` steps, resuming from ``ckpt_root`` if possible.
+
+    ``images``: NHWC uint8 pixels, or model inputs x0 (NCHW float, e.g. cached latents). A conditional
+    ``family`` trains on ``conditions[i]`` for input ``i``, replaced by the null condition with probability
+    ``condition_dropout`` (what classifier-free guidance needs); its frozen conditioner embeds them, or,
+    with ``train_condition``, a label embedding is trained together with the unet.
 
     Checkpoints live under ``ckpt_root/<fingerprint>/`` where the fingerprint covers everything that
     changes the result (params minus run length, architecture, data, world size), so a changed
@@ -83,8 +94,17 @@ def train(
     AcceleratorState._reset_state()
     accel = Accelerator(cpu=cpu, mixed_precision=params.mixed_precision)
     rank, world = accel.process_index, accel.num_processes
-    data = images_to_tensor(images)
-    ckpt_dir = Path(ckpt_root) / _fingerprint(unet, params, images, world, fingerprint_extra)
+    data = images_to_tensor(images) if isinstance(images, np.ndarray) else images.float()
+    conditional = family is not None and family.conditional
+    if conditional and (conditions is None or len(conditions) != len(data)):
+        raise DiffpruneError(f"a {family.family} model needs one condition per training input ({len(data)})")
+    extra = [fingerprint_extra, condition_dropout, train_condition] if conditional else fingerprint_extra
+    ckpt_dir = Path(ckpt_root) / _fingerprint(unet, params, images, world, extra)
+    joint = conditional and train_condition
+    if joint:
+        if family.condition.kind != "class":
+            raise DiffpruneError("only a label embedding can be trained with the unet (text encoders stay frozen)")
+        unet = _WithLabels(unet, family.condition.module.requires_grad_(True))
 
     unet = unet.to(accel.device).train()
     ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
@@ -118,17 +138,23 @@ def train(
             x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
         t = _timesteps(len(idx), T, params.antithetic, gen)
         noise = torch.randn(x0.shape, generator=gen)
+        values = _conditions(family, conditions, idx, condition_dropout, gen) if conditional else None
         x0, t, noise = x0.to(accel.device), t.to(accel.device), noise.to(accel.device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
         with accel.autocast():
-            pred = model(xt, t).sample
+            if joint:
+                pred = model(xt, t, torch.as_tensor(np.asarray(values), device=accel.device))
+            else:
+                context = family.context(values, accel.device) if conditional else None
+                pred = _predict(model, xt, t, context)
             target = noise
             if teacher is not None and distill_weight > 0:
                 with torch.no_grad():
-                    target = distill_weight * teacher(xt, t).sample.float() + (1 - distill_weight) * noise
+                    context = family.context(values, accel.device) if conditional else None
+                    target = distill_weight * _predict(teacher, xt, t, context).float() + (1 - distill_weight) * noise
             loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss):
             raise DiffpruneError(f"training diverged at step {step} (loss {loss.item()}); lower lr or enable grad_clip")
@@ -155,8 +181,37 @@ def train(
                 on_checkpoint(done)
     bar.close()
     final = copy.deepcopy(accel.unwrap_model(model)).cpu().eval()
-    final.load_state_dict({k: v.to(final.dtype) for k, v in ema.items()})
-    return TrainResult(final, losses, params.steps, resumed, time.perf_counter() - t0, world)
+    dtype = next(final.parameters()).dtype
+    final.load_state_dict({k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in ema.items()})
+    seconds = time.perf_counter() - t0
+    if joint:
+        return TrainResult(final.unet, losses, params.steps, resumed, seconds, world,
+                           final.embedding.requires_grad_(False))
+    return TrainResult(final, losses, params.steps, resumed, seconds, world)
+
+
+class _WithLabels(torch.nn.Module):
+    """A unet and the label embedding that feeds its cross-attention, trained as one module."""
+
+    def __init__(self, unet: torch.nn.Module, embedding: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet, self.embedding = unet, embedding
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=self.embedding(labels)).sample
+
+
+def _predict(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    return unet(x, t).sample if context is None else unet(x, t, encoder_hidden_states=context).sample
+
+
+def _conditions(family: Diffusion, conditions, idx: torch.Tensor, dropout: float, gen: torch.Generator) -> list:
+    """The batch's conditions, each replaced by the null condition with probability ``dropout``."""
+    values = [conditions[i] for i in idx.tolist()]
+    if dropout > 0:
+        drop = (torch.rand(len(values), generator=gen) < dropout).tolist()
+        values = [family.condition.null() if d else v for v, d in zip(values, drop, strict=True)]
+    return values
 
 
 def write_loss_history(losses: list[float], path: str | Path) -> None:
@@ -214,8 +269,9 @@ def _load_weights(model: torch.nn.Module, sd: dict, path: Path) -> None:
         raise DiffpruneError(f"{path}: checkpoint weights do not fit this model; delete it to start over") from None
 
 
-def _fingerprint(unet: UNet2DModel, params: TrainParams, images: np.ndarray, world: int, extra: str) -> str:
+def _fingerprint(unet: torch.nn.Module, params: TrainParams, images, world: int, extra) -> str:
     recipe = {k: v for k, v in params.model_dump().items() if k not in resumable_fields(type(params))}
     h = hashlib.sha256(json.dumps([recipe, model_hash(unet), world, extra], sort_keys=True, default=str).encode())
-    h.update(hashlib.sha256(images.tobytes()).digest())
+    data = images if isinstance(images, np.ndarray) else images.detach().cpu().contiguous().numpy()
+    h.update(hashlib.sha256(data.tobytes()).digest())
     return h.hexdigest()[:16]

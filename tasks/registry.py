@@ -54,6 +54,9 @@ def signature() -> ModelSignature:
             ColSpec("long", "seed"),
             ColSpec("long", "steps", required=False),
             ColSpec("string", "sampler", required=False),
+            ColSpec("long", "label", required=False),  # class-conditional models
+            ColSpec("string", "prompt", required=False),  # text-conditional models
+            ColSpec("double", "guidance_scale", required=False),
         ]),
         outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, -1))]),
     )
@@ -117,7 +120,7 @@ def register(model_dir: str | Path, summary: dict, params: RegisterParams, run_i
             name="model",
             python_model=str(MODEL_CODE),
             artifacts={"model": str(model_dir)},
-            model_config={"predict_steps": params.predict_steps},
+            model_config={"predict_steps": params.predict_steps, "predict_guidance": summary.get("guidance_scale")},
             code_paths=[str(code)],
             pip_requirements=pip_requirements(),
             signature=signature(),

@@ -84,8 +84,8 @@ def test_editing_code_moves_exactly_the_keys_of_the_stages_that_run_it(package_c
     # the FID extractor: evaluate only, never score or prune
     assert moved(_edited(package_copy, "diffprune/features.py", '"""', '"""Edited.\n', )) == {"evaluate"}
     # a stage's own function in stages.py: that stage only
-    assert moved(_edited(package_copy, "diffprune/stages.py", "macs, n_params = macs_and_params(unet)",
-                         "macs, n_params = macs_and_params(unet)  # edited")) == {"prune"}
+    assert moved(_edited(package_copy, "diffprune/stages.py", "macs, n_params = macs_and_params(unet, inputs)",
+                         "macs, n_params = macs_and_params(unet, inputs)  # edited")) == {"prune"}
     # the cron default of the schedule: no stage
     assert moved(_edited(package_copy, "diffprune/config.py", '"0 3 * * *"', '"0 4 * * *"')) == set()
     # a stage's own params model: that stage only

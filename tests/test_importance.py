@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,3 +83,33 @@ def test_n_batches_average_the_per_batch_gradients_and_losses(trained_tiny, digi
     for name, grad in result.grads.items():
         mean = sum(g[name] for g in own) / len(own)
         assert torch.allclose(grad, mean, rtol=1e-4, atol=1e-6), name
+
+
+def test_conditional_pass_is_the_hand_computed_sum_with_the_batches_conditions(tmp_path):
+    """A class-conditional latent model, real labels and their null twin (include_null): each t adds
+    ∇ of the mean of both losses, the same noise serving a batch under both contexts."""
+    from families import tiny_family
+
+    model = tiny_family("latent-class", tmp_path)
+    unet, T, seed = model.unet, 4, 3
+    x0 = model.encode(np.random.default_rng(0).integers(0, 255, (6, 8, 8, 1), dtype=np.uint8))
+    labels = [0, 1, 2, 3, 4, 5]
+    ctx, null = model.context(labels), model.null_context(6)
+    result = accumulate_gradients(unet, make_scheduler(T), [x0, x0], "diff-pruning", 0.0, seed=seed,
+                                  progress=False, contexts=[ctx, null])
+    alphas = make_scheduler(T).alphas_cumprod
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, 0)))
+    unet.zero_grad(set_to_none=True)
+    losses = []
+    for t in range(T):
+        xt = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+        ts = torch.full((6,), t)
+        loss = (F.mse_loss(unet(xt, ts, encoder_hidden_states=ctx).sample, eps)
+                + F.mse_loss(unet(xt, ts, encoder_hidden_states=null).sample, eps)) / 2
+        loss.backward()
+        losses.append(loss.item())
+    manual = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+    assert result.timesteps == list(range(T)) and result.losses == [pytest.approx(v, rel=1e-5) for v in losses]
+    assert result.grads.keys() == manual.keys()
+    assert all(torch.allclose(result.grads[k], manual[k], atol=1e-6) for k in manual)
+    unet.zero_grad(set_to_none=True)

@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from diffprune.family import Diffusion
 from diffprune.macs import macs_and_params
 from diffprune.metrics import fid_reference, latency_pair, ssim
+from diffprune.models import make_scheduler
 from diffprune.sampling import save_pngs
 from tiny import tiny_eval
 
@@ -73,8 +75,9 @@ def test_ssim_identical_is_one_and_matches_skimage():
 def test_macs_params_and_latency(tiny_unet):
     macs, params = macs_and_params(tiny_unet)
     assert params == sum(p.numel() for p in tiny_unet.parameters()) and macs > params
-    lat = latency_pair({"a": tiny_unet, "b": tiny_unet}, batch=2, steps=2, repeats=1, device=torch.device("cpu"))
-    assert set(lat) == {"a", "b"} and all(v > 0 for v in lat.values())
+    model = Diffusion(tiny_unet, make_scheduler())
+    lat = latency_pair({"a": model, "b": model}, batch=2, steps=2, repeats=1, device=torch.device("cpu"))
+    assert set(lat) == {"a", "b"} and all(v["denoise_s"] > 0 and v["decode_s"] == 0 for v in lat.values())
 
 
 def _folder(images, path):

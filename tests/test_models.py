@@ -18,7 +18,7 @@ def test_save_load_roundtrip_is_exact(tiny_unet, tmp_path):
 
 def test_teacher_loads_from_a_local_save_pretrained_directory(tiny_unet, tmp_path):
     DDPMPipeline(unet=tiny_unet, scheduler=make_scheduler()).save_pretrained(tmp_path / "pipe")
-    unet, _ = load_pretrained(str(tmp_path / "pipe"))
+    unet = load_pretrained(str(tmp_path / "pipe")).unet
     assert tuple(unet.config.block_out_channels) == tuple(tiny_unet.config.block_out_channels)
 
 
@@ -26,7 +26,7 @@ def test_hub_id_that_cannot_be_fetched_gives_one_line(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nmore lines")
 
-    monkeypatch.setattr(models.DDPMPipeline, "from_pretrained", offline)
+    monkeypatch.setattr(models.DiffusionPipeline, "from_pretrained", offline)
     with pytest.raises(DiffpruneError) as info:
         load_pretrained("google/ddpm-cifar10-32")
     assert "google/ddpm-cifar10-32" in str(info.value) and "\n" not in str(info.value)

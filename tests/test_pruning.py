@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
+from families import CONTEXT as CONTEXT_WIDTH
 from torch import nn
 
 from diffprune.importance import accumulate_gradients
 from diffprune.macs import macs_and_params
 from diffprune.models import make_scheduler
-from diffprune.pruning import _lowest_per_chunk, plan_pruning, prune_to_macs, prune_unet, reinitialise
+from diffprune.pruning import _lowest_per_chunk, layer_widths, plan_pruning, prune_to_macs, prune_unet, reinitialise
 from diffprune.tensors import images_to_tensor
 from diffprune.training import train
 from tiny import tiny_train
@@ -106,3 +107,57 @@ def test_cifar10_ddpm_architecture_matches_the_paper():
     prune_unet(unet, 0.3, "magnitude")
     macs, params = macs_and_params(unet)
     assert params == pytest.approx(19.8e6, rel=0.01) and macs == pytest.approx(3.4e9, rel=0.01)
+
+
+def _conditional(tmp_path):
+    from families import tiny_family
+
+    return tiny_family("latent-class", tmp_path)
+
+
+def test_pruning_a_conditional_unet_keeps_context_width_whole_heads_geglu_halves_and_groups(tmp_path):
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention_processor import Attention
+
+    model = _conditional(tmp_path)
+    before = {n: m for n, m in copy.deepcopy(model.unet).named_modules()}
+    pruned = prune_unet(copy.deepcopy(model.unet), 0.4, "magnitude")
+    shrunk = 0
+    for name, module in pruned.named_modules():
+        if isinstance(module, Attention):
+            assert module.heads == before[name].heads  # heads stay whole...
+            assert module.to_q.out_features % module.heads == 0  # ...and equally wide
+            if module.is_cross_attention:  # key/value inputs read the context: never pruned
+                assert module.to_k.in_features == module.to_v.in_features == CONTEXT_WIDTH
+            shrunk += module.to_q.out_features < before[name].to_q.out_features
+        if isinstance(module, GEGLU):
+            old = before[name].proj
+            half, old_half = module.proj.out_features // 2, old.out_features // 2
+            assert half < old_half
+            kept = [int((old.bias == b).nonzero()[0]) for b in module.proj.bias]
+            assert [k - old_half for k in kept[half:]] == kept[:half], "value and gate halves lose the same channels"
+        if isinstance(module, torch.nn.GroupNorm):
+            assert module.num_channels % module.num_groups == 0 and module.num_groups == before[name].num_groups
+    assert shrunk > 0
+    model = model.with_unet(pruned)
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([3, 70])
+    ctx, null = model.context([1, 2]), model.null_context(2)
+    assert model.predict(x, t, ctx).shape == x.shape
+    assert model.predict(x, t, ctx, guidance=2.5, null=null).shape == x.shape
+
+
+def test_round_to_keeps_every_pruned_width_a_multiple(tmp_path):
+    model = _conditional(tmp_path)
+    pruned = prune_unet(copy.deepcopy(model.unet), 0.3, "magnitude", round_to=4)
+    widths = layer_widths(pruned)
+    original = layer_widths(model.unet)
+    changed = {n: w for n, w in widths.items() if w != original[n]}
+    assert changed and all(w % 4 == 0 for w in changed.values()), changed
+
+
+def test_gradient_checkpointing_does_not_hide_layers_from_pruning(tmp_path):
+    model = _conditional(tmp_path)
+    plain = layer_widths(prune_unet(copy.deepcopy(model.unet), 0.3, "magnitude"))
+    wrapped = copy.deepcopy(model.unet)
+    wrapped.enable_gradient_checkpointing()
+    assert layer_widths(prune_unet(wrapped, 0.3, "magnitude")) == plain

@@ -31,10 +31,11 @@ import yaml
 from benchmarks.common import RESULTS, save
 from diffprune.config import TrainParams, load_params
 from diffprune.data import load_prepared, prepare_dataset
+from diffprune.family import Diffusion
 from diffprune.importance import accumulate_gradients
 from diffprune.macs import macs_and_params
 from diffprune.metrics import latency_pair
-from diffprune.models import BUILTIN_TEACHER, load_pretrained
+from diffprune.models import BUILTIN_TEACHER, load_model
 from diffprune.pruning import prune_unet
 from diffprune.stage_table import LIBRARY
 from diffprune.tensors import images_to_tensor
@@ -46,7 +47,9 @@ STAGES = tuple(s.name for s in LIBRARY)
 def latency(teacher, pruned, batches: list[int], device: torch.device) -> list[dict]:
     rows = []
     for batch in batches:
-        t = latency_pair({"teacher": teacher, "pruned": pruned}, batch, steps=10, repeats=5, device=device)
+        t = latency_pair({"teacher": Diffusion(teacher, None), "pruned": Diffusion(pruned, None)}, batch, steps=10,
+                         repeats=5, device=device)
+        t = {name: v["denoise_s"] for name, v in t.items()}
         rows.append({"device": device.type, "batch": batch, "teacher_s": t["teacher"], "pruned_s": t["pruned"],
                      "speedup": t["teacher"] / t["pruned"]})
     return rows
@@ -117,7 +120,7 @@ def main() -> None:
         save("efficiency", payload, render(payload), args.out)
         print(render(payload))
         return
-    teacher, scheduler = load_pretrained(str(BUILTIN_TEACHER))
+    teacher, scheduler = load_model(BUILTIN_TEACHER)
     pruned = prune_unet(copy.deepcopy(teacher), params.prune.pruning_ratio or 0.25, "magnitude")
     (t_macs, t_params), (p_macs, p_params) = macs_and_params(teacher), macs_and_params(pruned)
     sizes = {"macs": {"teacher": t_macs, "pruned": p_macs, "ideal_speedup": t_macs / p_macs},

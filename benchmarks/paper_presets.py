@@ -1,6 +1,7 @@
 """The paper-scale presets (presets/*.yaml): what they run, and a CPU check of their real architectures.
 
-    python benchmarks/paper_presets.py --check            # both presets, ~2 minutes on 2 CPU cores
+    python benchmarks/paper_presets.py --check            # both presets and the latent/conditional architectures
+    python benchmarks/paper_presets.py --check cifar10    # one of them
     python benchmarks/paper_presets.py --time cuda        # a GPU's step times → expected GPU hours
 
 The check builds each preset's teacher architecture with random weights, scores a few timesteps, prunes
@@ -17,6 +18,8 @@ Writes benchmarks/results/paper_presets.{json,md} (``--time``: paper_presets_tim
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from benchmarks.architectures import ARCHITECTURES, REFERENCES
+from benchmarks.architectures import render as render_architectures
 from benchmarks.common import RESULTS, save
 from diffprune.config import TrainParams, load_params
+from diffprune.family import Diffusion
 from diffprune.importance import accumulate_gradients
 from diffprune.macs import macs_and_params
 from diffprune.metrics import latency_pair
@@ -88,8 +94,10 @@ def timing(name: str, device: str) -> dict:
             spent[steps] = train(pruned, make_scheduler(params.teacher.num_train_timesteps), images, tp,
                                  ckpt).seconds
     step_s = (spent[40] - spent[10]) / 30
-    calls = {b: latency_pair({"teacher": teacher, "pruned": pruned}, b, steps=10, repeats=3,
-                             device=torch.device(device)) for b in (ft.batch_size, ev.batch_size)}
+    pair = {"teacher": Diffusion(teacher, None), "pruned": Diffusion(pruned, None)}
+    calls = {b: {name: v["denoise_s"] for name, v in latency_pair(pair, b, steps=10, repeats=3,
+                                                                  device=torch.device(device)).items()}
+             for b in (ft.batch_size, ev.batch_size)}
     call_s = calls[ev.batch_size]["pruned"] / 10
     return {"preset": name, "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
             "batch": ft.batch_size, "mixed_precision": ft.mixed_precision, "train_step_s": step_s,
@@ -127,7 +135,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="build, score, prune, train and sample on CPU")
     ap.add_argument("--time", choices=["cpu", "cuda"], help="time training and sampling steps on this device")
-    ap.add_argument("presets", nargs="*", default=sorted(PAPER))
+    ap.add_argument("presets", nargs="*", default=sorted(PAPER) + list(ARCHITECTURES),
+                    help=f"pixel presets {sorted(PAPER)} and latent/conditional architectures {list(ARCHITECTURES)}")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.time:
@@ -141,11 +150,27 @@ def main() -> int:
             print(f"{name}: diffprune run --params presets/{name}.yaml")
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [check(name) for name in args.presets]
-    markdown = render(rows)
-    print(markdown)
-    save("paper_presets", {"rows": rows}, markdown, args.out)
-    return 0 if all(r["match_1pct"] for r in rows) else 1
+    unknown = set(args.presets) - set(PAPER) - set(ARCHITECTURES)
+    if unknown:
+        ap.error(f"unknown preset or architecture {sorted(unknown)[0]!r}")
+    ok = True
+    rows = [check(name) for name in args.presets if name in PAPER]
+    if rows:
+        markdown = render(rows)
+        print(markdown)
+        save("paper_presets", {"rows": rows}, markdown, args.out)
+        ok = all(r["match_1pct"] for r in rows)
+    # Each latent/conditional architecture in its own process: its peak memory is then its own.
+    script = Path(__file__).with_name("architectures.py")
+    big = [json.loads(subprocess.run([sys.executable, str(script), name], check=True, capture_output=True,
+                                     text=True).stdout.strip().splitlines()[-1])
+           for name in args.presets if name in ARCHITECTURES]
+    if big:
+        markdown = render_architectures(big)
+        print(markdown)
+        save("architectures", {"rows": big, "references": REFERENCES}, markdown, args.out)
+        ok = ok and all(r["save_load_identical"] for r in big)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

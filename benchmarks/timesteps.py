@@ -25,7 +25,7 @@ from diffprune.config import load_params
 from diffprune.data import load_prepared, prepare_dataset
 from diffprune.importance import accumulate_gradients
 from diffprune.metrics import ssim
-from diffprune.models import BUILTIN_TEACHER, load_pretrained
+from diffprune.models import BUILTIN_TEACHER, load_model
 from diffprune.pruning import prune_unet
 from diffprune.sampling import sample
 from diffprune.tensors import images_to_tensor
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     params = load_params(args.params)
-    teacher, scheduler = load_pretrained(str(BUILTIN_TEACHER))
+    teacher, scheduler = load_model(BUILTIN_TEACHER)
     with tempfile.TemporaryDirectory() as tmp:
         prepare_dataset(params.data, Path(tmp) / "data")
         data = load_prepared(Path(tmp) / "data")

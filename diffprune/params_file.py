@@ -2,6 +2,8 @@
 
 ``python -m diffprune.params_file`` writes the shipped file with every key and, as comments, each
 group's and field's description; ``--check`` fails when the file differs (a test runs the check).
+``--preset presets/latent-digits.yaml`` writes the whole file for a preset instead (keys it leaves out
+take the defaults), so that ``dvc repro`` / ``dvc exp run`` run that preset.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import yaml
 from pydantic import BaseModel
 
-from diffprune.config import Params
+from diffprune.config import Params, load_params
 from diffprune.generated import generator_main
 
 HEADER = """\
@@ -67,8 +69,14 @@ def render(params: Params | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    def configure(parser) -> None:
+        parser.add_argument("--preset", help="a params file of your own or a preset: render it in full instead")
+
+    def render_args(args) -> str:
+        return render(load_params(args.preset) if args.preset else None)
+
     return generator_main("diffprune.params_file", __doc__, "params.yaml", "the defaults in diffprune/config.py",
-                          render, argv)
+                          render_args, argv, configure)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ TABLE: tuple[Stage, ...] = (
     Stage("teacher", "teacher", "provide the teacher: built-in, pretrained (hub/local) or trained from scratch",
           "models/teacher", 720, inputs=(("data", "prepare"),), checkpoints="checkpoints/teacher",
           curves=(Curve("metrics", "teacher_loss.csv", "step", "loss", "teacher training loss", dvc=False),),
-          extra_deps=("diffprune/assets/teacher-digits16",)),
+          extra_deps=("diffprune/assets",)),
     Stage("score", "score", "importance scoring: the gradient pass of diff-pruning / taylor", "scores", 120,
           inputs=(("data", "prepare"), ("teacher", "teacher")),
           curves=(Curve("out", "loss_over_t.csv", "t", "loss", "loss over t (importance scoring)",

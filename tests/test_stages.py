@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from diffprune import stages
 from diffprune.config import DataParams, FinetuneParams, Params, PruneParams, ScoreParams, TeacherParams
-from diffprune.models import count_params, load_model
+from diffprune.data import load_prepared
+from diffprune.models import ASSETS, count_params, load_model
 from diffprune.stage_table import LIBRARY, METRICS, STAGES
 from tiny import TINY_ARCH, tiny_eval, tiny_train
 
@@ -60,6 +61,23 @@ def test_builtin_teacher_creates_the_declared_checkpoint_folder(tmp_path):
     assert (tmp_path / "ck").is_dir(), "dvc.yaml declares checkpoints/teacher as an output"
     unet = load_model(tmp_path / "teacher")[0]
     assert (unet.config.sample_size, unet.config.in_channels) == (16, 1) and info["params"] == count_params(unet)
+    _summary(tmp_path / METRICS, "teacher", info)
+
+
+@pytest.mark.skipif(not (ASSETS / "latent-digits32" / "unet").is_dir(), reason="latent teacher not trained yet")
+def test_builtin_latent_teacher_caches_the_training_latents_it_encodes(tmp_path):
+    from diffprune.latents import LATENTS_FILE, training_inputs
+    from diffprune.models import load_diffusion
+
+    stages.prepare(DataParams(resolution=32, max_images=60), out=tmp_path / "data", metrics=tmp_path / METRICS)
+    info = stages.teacher(TeacherParams(builtin="latent-digits32"), data=tmp_path / "data",
+                          out=tmp_path / "teacher", checkpoints=tmp_path / "ck", metrics=tmp_path / METRICS)
+    assert info["family"] == "latent-class" and info["latents"] == [48, 4, 8, 8]
+    model, data = load_diffusion(tmp_path / "teacher"), load_prepared(tmp_path / "data")
+    cached = training_inputs(model, tmp_path / "teacher", data)
+    assert torch.equal(cached, model.encode(data.train)), "the cache holds what encoding gives"
+    (tmp_path / "teacher" / LATENTS_FILE).write_bytes(b"damaged")
+    assert torch.equal(training_inputs(model, tmp_path / "teacher", data), cached), "a damaged cache is re-encoded"
     _summary(tmp_path / METRICS, "teacher", info)
 
 

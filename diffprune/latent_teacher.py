@@ -65,7 +65,8 @@ def train_teacher(out: Path, recipe: dict, checkpoints: Path) -> dict:
     unet = build_conditional_unet(latent_size, a["latent_channels"], u["widths"], u["context_dim"], u["heads"],
                                   u["groups"])
     classes = len(data.manifest["classes"])
-    model = Diffusion(unet, make_scheduler(), ae, "vae", ClassCondition(LabelEmbedding(classes, u["context_dim"])))
+    model = Diffusion(unet, make_scheduler(clip_sample=False), ae, "vae",
+                      ClassCondition(LabelEmbedding(classes, u["context_dim"])))
     latents = model.encode(data.train)
     result = train(unet, model.scheduler, latents, TrainParams(**recipe["train"]), checkpoints, family=model,
                    conditions=data.train_labels, condition_dropout=recipe["label_dropout"], train_condition=True)

@@ -47,15 +47,16 @@ def build_unet(arch: ArchParams, resolution: int, channels: int) -> UNet2DModel:
     )
 
 
-def make_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
-    """DDPM's linear β schedule 1e-4 → 0.02, ε-prediction, as the paper and its pretrained models."""
+def make_scheduler(num_train_timesteps: int = 1000, clip_sample: bool = True) -> DDPMScheduler:
+    """DDPM's linear β schedule 1e-4 → 0.02, ε-prediction, as the paper and its pretrained models
+    (``clip_sample``: clip predicted x0 to [-1, 1], right for pixels, wrong for latents)."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="linear",
         beta_start=1e-4,
         beta_end=0.02,
         prediction_type="epsilon",
-        clip_sample=True,
+        clip_sample=clip_sample,
     )
 
 

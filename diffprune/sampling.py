@@ -22,10 +22,12 @@ from diffprune.family import Diffusion
 from diffprune.seeding import derive_seed
 
 
-def make_sampler(train_scheduler: DDPMScheduler, sampler: str, steps: int) -> DDIMScheduler | DDPMScheduler:
-    """A sampling scheduler sharing the training β schedule; DDIM uses uniform ("leading") timestep skips."""
+def make_sampler(train_scheduler: DDPMScheduler, sampler: str, steps: int,
+                 latent: bool = False) -> DDIMScheduler | DDPMScheduler:
+    """A sampling scheduler sharing the training β schedule; DDIM uses uniform ("leading") timestep skips.
+    Latents are not bounded to [-1, 1] as pixels are, so ``latent`` switches off clipping of x0."""
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-    sched = cls.from_config(train_scheduler.config)
+    sched = cls.from_config(train_scheduler.config, **({"clip_sample": False} if latent else {}))
     sched.set_timesteps(min(steps, train_scheduler.config.num_train_timesteps))
     return sched
 
@@ -67,7 +69,7 @@ def generate(
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
-        sched = make_sampler(model.scheduler, sampler, steps)
+        sched = make_sampler(model.scheduler, sampler, steps, latent=model.autoencoder is not None)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         context = model.context(conditions[start:stop], device) if model.conditional else None
         null = model.null_context(stop - start, device) if model.conditional and guidance != 1.0 else None

@@ -130,3 +130,14 @@ def test_latent_encode_decode_round_trip_shapes(tmp_path):
     z = model.encode(images)
     assert z.shape == (5, 4, 4, 4) and model.decode(z).shape == (5, 1, 8, 8)
     assert isinstance(model, Diffusion) and model.image_size == 8 and model.image_channels == 1
+
+
+def test_latents_are_never_clipped_while_sampling(tmp_path):
+    """Clipping x0 to [-1, 1] is right for pixels and destroys latents (unit variance, unbounded)."""
+    from diffprune.sampling import make_sampler
+
+    pixel, latent = tiny_family("pixel", tmp_path), tiny_family("latent-class", tmp_path)
+    assert pixel.scheduler.config.clip_sample and latent.scheduler.config.clip_sample
+    assert make_sampler(pixel.scheduler, "ddim", 4).config.clip_sample
+    assert not make_sampler(latent.scheduler, "ddim", 4, latent=True).config.clip_sample
+    assert not make_sampler(latent.scheduler, "ddpm", 4, latent=True).config.clip_sample

@@ -90,6 +90,9 @@ class FinetuneParams(TrainParams):
     distill_weight: float = Field(0.7, ge=0.0, le=1.0, description="w: the share of the teacher's target")
     condition_dropout: float = Field(
         0.1, ge=0.0, lt=1.0, description="conditional models: share of null conditions (classifier-free guidance)")
+    train_label_embedding: bool = Field(
+        False, description="class-conditional models: fine-tune the label embedding with the denoiser, as cin256-v2 "
+                          "trains its class embedder (text encoders always stay frozen)")
 
 
 class ArchParams(_Strict):

@@ -32,7 +32,8 @@ def training_inputs(model: Diffusion, model_dir: str | Path, data: Prepared) -> 
     try:
         with safe_open(path, framework="pt") as fh:
             if (fh.metadata() or {}).get("data") == dataset_key(data):
-                return fh.get_tensor("train")
+                # A copy: a memory-mapped tensor would fault (SIGBUS) if the file were replaced later.
+                return fh.get_tensor("train").clone()
     except (OSError, SafetensorError):
         pass  # no usable cache: encode now (same result, only slower)
     return model.encode(data.train)

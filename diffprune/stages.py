@@ -8,6 +8,7 @@ tasks call these same functions; nothing here knows about orchestration or track
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffprune.atomic import atomic_dir, atomic_file, write_json
+from diffprune.conditioning import ClassCondition
 from diffprune.config import DataParams, EvaluateParams, FinetuneParams, PruneParams, ScoreParams, TeacherParams
 from diffprune.criteria import criterion as criterion_row
 from diffprune.data import load_prepared, prepare_dataset
@@ -31,7 +33,6 @@ from diffprune.models import (
     build_unet,
     count_params,
     load_diffusion,
-    load_model,
     load_pretrained,
     make_scheduler,
     model_hash,
@@ -103,15 +104,21 @@ def finetune(params: FinetuneParams, *, data: PathLike, student: PathLike, teach
     prepared = load_prepared(data)
     model = load_diffusion(student)
     _check_fits(model, prepared, str(student))
-    teacher_unet = load_model(teacher)[0] if params.distill else None
+    teacher_model = load_diffusion(teacher) if params.distill else None
+    joint = params.train_label_embedding and model.condition is not None and model.condition.kind == "class"
     result = train(model.unet, model.scheduler, training_inputs(model, teacher, prepared), params, checkpoints,
-                   teacher=teacher_unet, distill_weight=params.distill_weight if params.distill else 0.0,
-                   family=model, conditions=model.conditions(prepared), condition_dropout=params.condition_dropout)
+                   teacher=teacher_model.unet if teacher_model else None, teacher_family=teacher_model,
+                   distill_weight=params.distill_weight if params.distill else 0.0, family=model,
+                   conditions=model.conditions(prepared), condition_dropout=params.condition_dropout,
+                   train_condition=joint)
+    student_model = model.with_unet(result.model)
+    if joint:
+        student_model = dataclasses.replace(student_model, condition=ClassCondition(result.condition))
     info = {"steps": result.steps, "train_seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
             "world_size": result.world_size, "final_loss": result.final_loss, "distill": params.distill,
             "params": count_params(result.model), "family": model.family}
     if is_main_process():
-        save_diffusion(model.with_unet(result.model), out)
+        save_diffusion(student_model, out)
         write_loss_history(result.losses, Path(metrics) / "finetune_loss.csv")
         write_json(Path(metrics) / "finetune.json", info)
     return info

@@ -70,13 +70,15 @@ def train(
     conditions: np.ndarray | list | None = None,
     condition_dropout: float = 0.0,
     train_condition: bool = False,
+    teacher_family: Diffusion | None = None,
 ) -> TrainResult:
     """Train ``unet`` on ``images`` for ``params.steps`` steps, resuming from ``ckpt_root`` if possible.
 
     ``images``: NHWC uint8 pixels, or model inputs x0 (NCHW float, e.g. cached latents). A conditional
     ``family`` trains on ``conditions[i]`` for input ``i``, replaced by the null condition with probability
     ``condition_dropout`` (what classifier-free guidance needs); its frozen conditioner embeds them, or,
-    with ``train_condition``, a label embedding is trained together with the unet.
+    with ``train_condition``, a label embedding is trained together with the unet. The ``teacher``
+    embeds conditions with ``teacher_family``'s conditioner (default: the student's, when it is frozen).
 
     Checkpoints live under ``ckpt_root/<fingerprint>/`` where the fingerprint covers everything that
     changes the result (params minus run length, architecture, data, world size), so a changed
@@ -104,6 +106,8 @@ def train(
     if joint:
         if family.condition.kind != "class":
             raise DiffpruneError("only a label embedding can be trained with the unet (text encoders stay frozen)")
+        if teacher is not None and teacher_family is None:
+            raise DiffpruneError("distilling while the label embedding trains needs the teacher's own conditioner")
         unet = _WithLabels(unet, family.condition.module.requires_grad_(True))
 
     unet = unet.to(accel.device).train()
@@ -153,7 +157,7 @@ def train(
             target = noise
             if teacher is not None and distill_weight > 0:
                 with torch.no_grad():
-                    context = family.context(values, accel.device) if conditional else None
+                    context = (teacher_family or family).context(values, accel.device) if conditional else None
                     target = distill_weight * _predict(teacher, xt, t, context).float() + (1 - distill_weight) * noise
             loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss):

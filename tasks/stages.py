@@ -23,7 +23,7 @@ from prefect.cache_policies import CachePolicy
 from diffprune.config import group_model, unkeyed_fields
 from diffprune.fingerprint import code_version, dir_digest
 from diffprune.fingerprint import stage_key as hash_key
-from diffprune.models import BUILTIN_TEACHER
+from diffprune.models import ASSETS, BUILTIN_TEACHER
 from diffprune.stage_table import LIBRARY, STAGES, Stage
 from diffprune.tasks import store
 from diffprune.tasks.execute import StageInputError, StageTimeout, run_cli
@@ -43,7 +43,7 @@ def external_inputs(stage: str, params: dict) -> dict[str, str]:
     if stage == "prepare" and params.get("dataset") == "imagefolder":
         return {"images": dir_digest(params["path"])}
     if stage == "teacher" and params.get("source") == "builtin":
-        return {"builtin": dir_digest(BUILTIN_TEACHER)}
+        return {"builtin": dir_digest(ASSETS / params.get("builtin", BUILTIN_TEACHER.name))}
     if stage == "teacher" and params.get("source") == "pretrained":
         ref = params["pretrained"]
         return {"pretrained": dir_digest(ref) if Path(ref).is_dir() else f"hub:{ref}"}

@@ -33,10 +33,20 @@ def test_a_partial_teacher_train_group_keeps_the_teacher_recipe():
     assert p.teacher.train.lr == Params().teacher.train.lr and p.teacher.train.optimizer == "adamw"
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_validate(preset):
-    params = load_params(preset)
+@pytest.mark.parametrize("preset", ["cifar10.yaml", "celeba64.yaml"])
+def test_paper_presets_validate(preset):
+    params = load_params(ROOT / "presets" / preset)
     assert params.prune.pruning_ratio == 0.3 and params.teacher.source == "pretrained"
+
+
+def test_every_preset_validates_and_the_latent_one_is_offline():
+    assert sorted(p.name for p in (ROOT / "presets").glob("*.yaml")) == ["celeba64.yaml", "cifar10.yaml",
+                                                                         "latent-digits.yaml"]
+    params = load_params(ROOT / "presets" / "latent-digits.yaml")
+    assert (params.teacher.source, params.teacher.builtin, params.data.dataset) == ("builtin", "latent-digits32",
+                                                                                    "digits")
+    assert params.prune.target_macs <= 0.6 and params.finetune.steps <= 0.2 * 4000
+    assert len(params.evaluate.seeds) >= 2 and params.evaluate.guidance_scale > 1
 
 
 def test_a_missing_default_params_file_is_an_error_not_other_defaults(tmp_path, monkeypatch):

@@ -138,3 +138,29 @@ def test_data_parallel_two_cpu_processes_agree(digits_dir, tmp_path):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     init = load_file(tmp_path / "init.safetensors")
     assert any(not torch.equal(init[k], ranks[0][k]) for k in init)
+
+
+def test_a_label_embedding_trains_with_the_unet_while_the_teachers_stays_put(tmp_path):
+    """Class-conditional fine-tuning may train the label embedding too (cin256-v2's trainable class
+    embedder); distillation then conditions the teacher on its own, untouched embedding."""
+    import copy
+
+    from families import tiny_family
+
+    from diffprune.errors import DiffpruneError
+
+    student = tiny_family("pixel-class", tmp_path)
+    teacher = copy.deepcopy(student)
+    before = {k: v.clone() for k, v in student.condition.module.state_dict().items()}
+    images = np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(16) % 10
+    params = tiny_train(steps=3, checkpoint_every=3)
+    with pytest.raises(DiffpruneError, match="teacher's own conditioner"):
+        train(student.unet, student.scheduler, images, params, tmp_path / "a", teacher=teacher.unet,
+              distill_weight=0.5, family=student, conditions=labels, train_condition=True)
+    result = train(student.unet, student.scheduler, images, params, tmp_path / "b", teacher=teacher.unet,
+                   distill_weight=0.5, family=student, conditions=labels, condition_dropout=0.5,
+                   train_condition=True, teacher_family=teacher)
+    trained = result.condition.state_dict()["embedding.weight"]
+    assert not torch.equal(trained, before["embedding.weight"]) and not result.condition.embedding.weight.requires_grad
+    assert torch.equal(teacher.condition.module.state_dict()["embedding.weight"], before["embedding.weight"])

@@ -24,6 +24,11 @@ from diffprune.tensors import images_to_tensor
 Context = torch.Tensor | None  # encoder_hidden_states (B, L, D), or None for unconditional models
 
 
+def denoise(unet: nn.Module, x: torch.Tensor, t, context: Context = None) -> torch.Tensor:
+    """One denoiser call: ε for ``x`` at ``t``, conditioned on ``context`` when there is one."""
+    return unet(x, t).sample if context is None else unet(x, t, encoder_hidden_states=context).sample
+
+
 @dataclass
 class Diffusion:
     unet: nn.Module  # UNet2DModel or UNet2DConditionModel: the part that is pruned and trained
@@ -121,12 +126,10 @@ class Diffusion:
         """ε-prediction; with ``guidance`` ≠ 1 and a ``null`` context, classifier-free guidance
         ε_null + s·(ε_cond − ε_null), both halves in one batched call."""
         unet = unet if unet is not None else self.unet
-        if context is None:
-            return unet(x, t).sample
-        if guidance == 1.0 or null is None:
-            return unet(x, t, encoder_hidden_states=context).sample
+        if context is None or guidance == 1.0 or null is None:
+            return denoise(unet, x, t, context)
         t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.dim() else t
-        both = unet(torch.cat([x, x]), t2, encoder_hidden_states=torch.cat([null, context])).sample
+        both = denoise(unet, torch.cat([x, x]), t2, torch.cat([null, context]))
         eps_null, eps_cond = both.chunk(2)
         return eps_null + guidance * (eps_cond - eps_null)
 

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from diffprune.criteria import criterion as criterion_row
+from diffprune.family import denoise
 from diffprune.seeding import derive_seed
 
 
@@ -69,8 +70,7 @@ def accumulate_gradients(
             a = alphas[t]
             xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
             timestep = torch.full((len(x0),), t, device=device, dtype=torch.long)
-            kwargs = {} if context is None else {"encoder_hidden_states": context}
-            loss = F.mse_loss(unet(xt, timestep, **kwargs).sample, eps) / len(batches)
+            loss = F.mse_loss(denoise(unet, xt, timestep, context), eps) / len(batches)
             loss.backward()
             total += loss.item()
         visited.append(t)

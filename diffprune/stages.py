@@ -107,7 +107,8 @@ def finetune(params: FinetuneParams, *, data: PathLike, student: PathLike, teach
     teacher_model = load_diffusion(teacher) if params.distill else None
     joint = params.train_label_embedding and model.condition is not None and model.condition.kind == "class"
     result = train(model.unet, model.scheduler, training_inputs(model, teacher, prepared), params, checkpoints,
-                   teacher=teacher_model.unet if teacher_model else None, teacher_family=teacher_model,
+                   teacher=teacher_model.unet if teacher_model else None,
+                   teacher_family=teacher_model if joint else None,  # frozen conditioners are the teacher's own
                    distill_weight=params.distill_weight if params.distill else 0.0, family=model,
                    conditions=model.conditions(prepared), condition_dropout=params.condition_dropout,
                    train_condition=joint)

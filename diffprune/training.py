@@ -32,7 +32,7 @@ from diffprune.atomic import atomic_file
 from diffprune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from diffprune.config import TrainParams, resumable_fields
 from diffprune.errors import DiffpruneError
-from diffprune.family import Diffusion
+from diffprune.family import Diffusion, denoise
 from diffprune.models import model_hash
 from diffprune.seeding import derive_seed
 from diffprune.tensors import images_to_tensor
@@ -149,16 +149,17 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
         with accel.autocast():
+            context = family.context(values, accel.device) if conditional and not joint else None
             if joint:
                 pred = model(xt, t, torch.as_tensor(np.asarray(values), device=accel.device))
             else:
-                context = family.context(values, accel.device) if conditional else None
-                pred = _predict(model, xt, t, context)
+                pred = denoise(model, xt, t, context)
             target = noise
             if teacher is not None and distill_weight > 0:
                 with torch.no_grad():
-                    context = (teacher_family or family).context(values, accel.device) if conditional else None
-                    target = distill_weight * _predict(teacher, xt, t, context).float() + (1 - distill_weight) * noise
+                    if teacher_family is not None and conditional:  # its own conditioner; else the frozen shared one
+                        context = teacher_family.context(values, accel.device)
+                    target = distill_weight * denoise(teacher, xt, t, context).float() + (1 - distill_weight) * noise
             loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss):
             raise DiffpruneError(f"training diverged at step {step} (loss {loss.item()}); lower lr or enable grad_clip")
@@ -203,10 +204,6 @@ class _WithLabels(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=self.embedding(labels)).sample
-
-
-def _predict(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-    return unet(x, t).sample if context is None else unet(x, t, encoder_hidden_states=context).sample
 
 
 def _conditions(family: Diffusion, conditions, idx: torch.Tensor, dropout: float, gen: torch.Generator) -> list:

@@ -148,6 +148,9 @@ class ScoreParams(_Strict):
     batch_size: int = Field(32, ge=1, description="the fixed batch x0 (the paper: 128 on CIFAR-10); 32 keeps "
                                                   "scoring ~2 min on 2 CPU cores")
     n_batches: int = Field(1, ge=1, description="batches averaged per timestep")
+    timestep_batch: int = Field(
+        8, ge=1, description="timesteps per forward/backward (k × batch_size inputs); the same visited steps and "
+                             "gradients as one at a time, up to float rounding; lower it if memory is short")
     include_null: bool = Field(
         False, description="conditional models: also score each batch under the null condition (models trained "
                            "with condition dropout for guidance)")

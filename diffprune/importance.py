@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+from torch import nn
 from tqdm.auto import tqdm
 
 from diffprune.criteria import criterion as criterion_row
@@ -43,16 +43,20 @@ def accumulate_gradients(
     device: str | torch.device = "cpu",
     progress: bool = True,
     contexts: list[torch.Tensor | None] | None = None,
+    timestep_batch: int = 1,
 ) -> GradientPass:
     """Run the timestep loop over ``batches`` (model inputs x0, NCHW); see the module docstring.
 
     ``contexts``: the cross-attention context of each batch's conditions (conditional models); a batch
     given twice with different contexts (its real and its null condition) shares its noise.
+    ``timestep_batch``: timesteps evaluated in one forward/backward (k copies of each batch, one per t).
+    The result is the sequential loop's: each t's loss is its own mean, the chunk's per-t losses decide
+    where the loop stops, and only the timesteps up to and including that one enter the backward pass.
     """
     unet = unet.to(device).eval()
     unet.zero_grad(set_to_none=True)
     T = scheduler.config.num_train_timesteps
-    alphas = scheduler.alphas_cumprod.to(device)
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     noises, first = [], {}
     for b, x0 in enumerate(batches):
         b0 = first.setdefault(id(x0), b)  # the same batch object draws the same noise
@@ -63,25 +67,40 @@ def accumulate_gradients(
     stop = thr if criterion_row(criterion).uses_threshold else 0.0
     visited, losses, loss_max = [], [], 0.0
     start = time.perf_counter()
-    bar = tqdm(range(T), desc=f"score {criterion}", disable=not progress, unit="t", leave=False)
-    for t in bar:
-        total = 0.0
-        for x0, eps, context in zip(batches, noises, contexts, strict=True):
-            a = alphas[t]
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            timestep = torch.full((len(x0),), t, device=device, dtype=torch.long)
-            loss = F.mse_loss(denoise(unet, xt, timestep, context), eps) / len(batches)
-            loss.backward()
-            total += loss.item()
-        visited.append(t)
-        losses.append(total)
-        loss_max = max(loss_max, total)
-        if t % 10 == 0:
-            bar.set_postfix(loss=f"{total:.4f}")
-        # After backward, as the official diffusers path: the first sub-threshold step is included.
-        if stop > 0 and total < stop * loss_max:
+    bar = tqdm(total=T, desc=f"score {criterion}", disable=not progress, unit="t", leave=False)
+    for t0 in range(0, T, max(1, timestep_batch)):
+        ts = torch.arange(t0, min(T, t0 + max(1, timestep_batch)), device=device)
+        per_t = [_losses_at(unet, x0, eps, context, ts, alphas) / len(batches)
+                 for x0, eps, context in zip(batches, noises, contexts, strict=True)]
+        totals = torch.stack([p.detach() for p in per_t]).sum(0).tolist()
+        kept, done = 0, False
+        for t, total in zip(ts.tolist(), totals, strict=True):
+            kept += 1
+            visited.append(t)
+            losses.append(total)
+            loss_max = max(loss_max, total)
+            # As the official diffusers path, the first sub-threshold step still enters the backward pass.
+            done = stop > 0 and total < stop * loss_max
+            if done:
+                break
+        sum(p[:kept].sum() for p in per_t).backward()
+        bar.update(kept)
+        bar.set_postfix(t=visited[-1], loss=f"{losses[-1]:.4f}")
+        if done:
             break
     bar.close()
     grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.grad is not None}
     unet.zero_grad(set_to_none=True)
     return GradientPass(grads, visited, losses, time.perf_counter() - start)
+
+
+def _losses_at(unet: nn.Module, x0: torch.Tensor, eps: torch.Tensor, context: torch.Tensor | None,
+               ts: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """The ε-prediction MSE of the batch at each timestep of ``ts`` (one forward over k × B inputs)."""
+    k, n = len(ts), len(x0)
+    a = alphas[ts].view(k, *[1] * x0.dim())
+    xt = (a.sqrt() * x0 + (1 - a).sqrt() * eps).flatten(0, 1)
+    timesteps = ts.repeat_interleave(n)
+    ctx = None if context is None else context.repeat(k, *[1] * (context.dim() - 1))
+    err = (denoise(unet, xt, timesteps, ctx) - eps.repeat(k, *[1] * (eps.dim() - 1))) ** 2
+    return err.view(k, -1).mean(1)

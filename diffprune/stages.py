@@ -162,14 +162,15 @@ def score(params: ScoreParams, *, data: PathLike, teacher: PathLike, out: PathLi
             f"score: batch_size × n_batches = {need} exceeds the {len(prepared.train)} training images")
     row = criterion_row(params.criterion)
     info = {"criterion": params.criterion, "thr": params.thr if row.uses_threshold else None,
-            "batch_size": params.batch_size, "n_batches": params.n_batches, "seed": params.seed,
+            "batch_size": params.batch_size, "n_batches": params.n_batches, "timestep_batch": params.timestep_batch,
+            "seed": params.seed,
             "teacher": model_hash(unet), "family": model.family}
     with atomic_dir(out) as tmp:
         if row.needs_gradients:
             device = resolve_device(params.device)
             batches, contexts = _score_batches(model, teacher, prepared, params, device)
             result = accumulate_gradients(unet, model.scheduler, batches, params.criterion, params.thr, params.seed,
-                                          device, contexts=contexts)
+                                          device, contexts=contexts, timestep_batch=params.timestep_batch)
             save_file({k: v.contiguous().cpu() for k, v in result.grads.items()}, tmp / "gradients.safetensors")
             write_loss_over_t(result.timesteps, result.losses, tmp / "loss_over_t.csv")
             _write_layer_importance(unet, result.grads, tmp / "importance.csv")

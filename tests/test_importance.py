@@ -45,14 +45,16 @@ def test_gradients_are_the_sum_over_visited_timesteps(tiny_unet, digits):
     tiny_unet.zero_grad(set_to_none=True)
 
 
-def test_n_batches_average_the_per_batch_gradients_and_losses(trained_tiny, digits):
+@pytest.mark.parametrize("timestep_batch", [1, 3, 16])
+def test_n_batches_average_the_per_batch_gradients_and_losses(trained_tiny, digits, timestep_batch):
     """Three batches, each with its own noise: the pass's gradient is the mean of each batch's own gradient
     (summed over the visited t), its per-t loss the mean of the batches' losses, and it stops where that mean
-    loss first falls below thr × the maximum so far (the diff-pruning rule, exercised here: it stops early)."""
+    loss first falls below thr × the maximum so far (the diff-pruning rule, exercised here: it stops early,
+    inside a chunk when several timesteps share a forward/backward)."""
     seed, thr, T = 5, 0.7, 100
     batches = list(images_to_tensor(digits.train[:24]).split(8))
     result = accumulate_gradients(trained_tiny, make_scheduler(T), batches, "diff-pruning", thr, seed=seed,
-                                  progress=False)
+                                  progress=False, timestep_batch=timestep_batch)
     alphas = make_scheduler(T).alphas_cumprod
     noises = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, b)))
               for b, x0 in enumerate(batches)]
@@ -76,6 +78,7 @@ def test_n_batches_average_the_per_batch_gradients_and_losses(trained_tiny, digi
             break
     trained_tiny.zero_grad(set_to_none=True)
     assert 1 < len(visited) < T, "the threshold must stop the loop early for this test to check the rule"
+    assert timestep_batch == 1 or len(visited) % timestep_batch, "the stop must fall inside a chunk"
     assert result.timesteps == visited
     assert result.losses == [pytest.approx(v, rel=1e-5) for v in losses]
     assert result.grads.keys() == params.keys()
@@ -96,7 +99,7 @@ def test_conditional_pass_is_the_hand_computed_sum_with_the_batches_conditions(t
     labels = [0, 1, 2, 3, 4, 5]
     ctx, null = model.context(labels), model.null_context(6)
     result = accumulate_gradients(unet, make_scheduler(T), [x0, x0], "diff-pruning", 0.0, seed=seed,
-                                  progress=False, contexts=[ctx, null])
+                                  progress=False, contexts=[ctx, null], timestep_batch=3)
     alphas = make_scheduler(T).alphas_cumprod
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, 0)))
     unet.zero_grad(set_to_none=True)
@@ -113,3 +116,20 @@ def test_conditional_pass_is_the_hand_computed_sum_with_the_batches_conditions(t
     assert result.grads.keys() == manual.keys()
     assert all(torch.allclose(result.grads[k], manual[k], atol=1e-6) for k in manual)
     unet.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("criterion, thr", [("diff-pruning", 0.3), ("taylor", 0.0)])
+def test_timestep_batches_equal_the_sequential_loop(trained_tiny, digits, criterion, thr):
+    """Several timesteps per forward/backward: the same visited steps, losses and gradients as one at a time
+    (up to float rounding, measured against each tensor's scale and the whole gradient's)."""
+    x0 = images_to_tensor(digits.train[:8])
+    sched = make_scheduler(60)
+    one = accumulate_gradients(trained_tiny, sched, [x0], criterion, thr, progress=False, timestep_batch=1)
+    for k in (4, 7, 64):
+        many = accumulate_gradients(trained_tiny, sched, [x0], criterion, thr, progress=False, timestep_batch=k)
+        assert many.timesteps == one.timesteps
+        assert many.losses == [pytest.approx(v, rel=1e-5) for v in one.losses]
+        scale = max(g.abs().max() for g in one.grads.values())
+        assert many.grads.keys() == one.grads.keys()
+        for name, grad in one.grads.items():
+            torch.testing.assert_close(many.grads[name], grad, rtol=1e-4, atol=1e-6 * float(scale), msg=name)

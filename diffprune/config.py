@@ -187,6 +187,15 @@ class ExtractorParams(_Strict):
     seed: int = 0
 
 
+class FastPathParams(_Strict):
+    """How images are generated: evaluate (teacher and student alike), the registered model, load_pipeline."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="denoiser autocast; auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU")
+    channels_last: Literal["auto"] | bool = Field("auto", description="auto: on CUDA only (no gain measured on CPU)")
+    compile: bool = Field(False, description="torch.compile the denoiser (slow first call; long runs only)")
+
+
 class EvaluateParams(_Strict):
     """Sampling, FID, SSIM and efficiency of teacher vs student (stage evaluate)."""
 
@@ -201,6 +210,8 @@ class EvaluateParams(_Strict):
     n_samples: int | None = Field(
         None, ge=2, description="images per seed; null = the held-out count, so the floor uses equal counts")
     batch_size: int = Field(256, ge=1, description="images sampled at once")
+    fast: FastPathParams = Field(FastPathParams(),
+                                 description="the fast sampling path (the registered model uses it too)")
     fid_extractor: Literal["auto", "inception", "classifier"] = Field(
         "auto", description="auto: Inception if its weight file exists, else a classifier trained on the labels")
     inception_path: str = Field("/tmp/inception-2015-12-05.pt", description="clean-fid's weight file",

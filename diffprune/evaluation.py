@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffprune import inference
 from diffprune.atomic import atomic_dir, atomic_file
 from diffprune.clip_score import clip_scorer
 from diffprune.config import EvaluateParams
@@ -41,7 +42,9 @@ def sample_set(model: Diffusion, weights_hash: str, n: int, seed: int, params: E
                ref: FidReference, tag: str, conditions: list | None = None) -> tuple[np.ndarray, np.ndarray, Path]:
     """Images, FID features and the PNG folder of ``n`` samples of ``seed`` (cached by content;
     ``weights_hash`` is :func:`diffusion_hash` of ``model``, computed once by the caller)."""
-    key_parts = [weights_hash, params.sampler, params.steps, params.eta, params.batch_size, n, seed]
+    path = inference.resolve(params.fast, device).describe()
+    key_parts = [weights_hash, params.sampler, params.steps, params.eta, params.batch_size, n, seed,
+                 path["precision"], path["channels_last"], path["compile"]]
     if conditions is not None:
         wanted = json.dumps([str(c) for c in conditions]).encode()
         key_parts += [params.guidance_scale, hashlib.sha256(wanted).hexdigest()]
@@ -51,7 +54,7 @@ def sample_set(model: Diffusion, weights_hash: str, n: int, seed: int, params: E
     if not (folder / "images.npy").is_file():
         images = generate(model, n, seed, conditions=conditions, guidance=params.guidance_scale,
                           sampler=params.sampler, steps=params.steps, eta=params.eta, batch_size=params.batch_size,
-                          device=device, desc=f"sample {tag} seed {seed}")
+                          device=device, desc=f"sample {tag} seed {seed}", fast=params.fast)
         with atomic_dir(folder) as tmp:
             np.save(tmp / "images.npy", images, allow_pickle=False)
             save_pngs(images, tmp / "png")
@@ -95,7 +98,7 @@ def evaluate_pair(data: Prepared, teacher: Diffusion, student: Diffusion, params
                 grid(per_model["pruned"][:k], scale=2).save(out / "grid_pruned.png")
                 paired_grid(per_model["teacher"][:k], per_model["pruned"][:k]).save(out / "grid_pairs.png")
     lat = latency_pair(models, params.latency_batch, params.latency_steps, params.latency_repeats, device,
-                       params.guidance_scale if teacher.conditional else 1.0)
+                       params.guidance_scale if teacher.conditional else 1.0, params.fast)
     for name, model in models.items():
         r = result[name]
         macs, n_params = macs_and_params(model.unet.to(device), model.example_inputs(device=device))
@@ -119,6 +122,7 @@ def evaluate_pair(data: Prepared, teacher: Diffusion, student: Diffusion, params
         speedup=t["latency_s"] / p["latency_s"], pipeline_speedup=t["pipeline_s"] / p["pipeline_s"],
         fid_ratio=p["fid"] / t["fid"] if t["fid"] else None,
         latency_batch=params.latency_batch, latency_steps=params.latency_steps,
+        fast_path=inference.resolve(params.fast, device).describe(), fast_path_params=params.fast.model_dump(),
     )
     if "accuracy" in t:
         result["accuracy_drop"] = t["accuracy"] - p["accuracy"]

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from cleanfid import fid as cleanfid
 
+from diffprune import inference
 from diffprune.atomic import atomic_dir
-from diffprune.config import EvaluateParams
+from diffprune.config import EvaluateParams, FastPathParams
 from diffprune.data import Prepared, dataset_key
 from diffprune.family import Diffusion
 from diffprune.features import Extractor, classifier_extractor, inception_extractor
@@ -136,30 +137,33 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> 
     return s.flatten(1).mean(1).numpy()
 
 
-@torch.no_grad()
 def latency_pair(models: dict[str, Diffusion], batch: int, steps: int, repeats: int, device: torch.device,
-                 guidance: float = 1.0) -> dict[str, dict[str, float]]:
+                 guidance: float = 1.0, fast: FastPathParams | None = None) -> dict[str, dict[str, float]]:
     """Per model: ``denoise_s``, seconds of ``steps`` denoising calls at ``batch`` (guided calls when
-    ``guidance`` ≠ 1: both halves), and ``decode_s``, seconds to decode the batch (0 for pixel models).
-    Medians of ``repeats``, the models interleaved so that machine noise hits all of them alike."""
+    ``guidance`` ≠ 1: both halves), and ``decode_s``, seconds to decode the batch (0 for pixel models), both
+    on the fast path ``fast`` (None: plain fp32). Medians of ``repeats``, the models interleaved so that
+    machine noise hits all of them alike."""
+    path = inference.resolve(fast, device)
+    unets = {name: inference.prepare(model.to(device).unet, path) for name, model in models.items()}
     times: dict[str, dict[str, list[float]]] = {name: {"denoise_s": [], "decode_s": []} for name in models}
-    for _ in range(repeats + 1):  # the first round warms up allocators and kernels
-        for name, model in models.items():
-            model = model.to(device)
-            model.unet.eval()
-            x = torch.randn(batch, *model.input_shape, device=device)
-            context = model.null_context(batch, device)  # any context costs the same
-            null = context if guidance != 1.0 else None
-            _sync(device)
-            t0 = time.perf_counter()
-            for t in range(steps):
-                x = model.predict(x, torch.tensor(999 - t, device=device), context, guidance=guidance, null=null)
-            _sync(device)
-            t1 = time.perf_counter()
-            model.decode(x)
-            _sync(device)
-            times[name]["denoise_s"].append(t1 - t0)
-            times[name]["decode_s"].append(time.perf_counter() - t1 if model.autoencoder is not None else 0.0)
+    with inference.running(path):
+        for _ in range(repeats + 1):  # the first round warms up allocators and kernels
+            for name, model in models.items():
+                x = torch.randn(batch, *model.input_shape, device=device)
+                context = model.null_context(batch, device)  # any context costs the same
+                null = context if guidance != 1.0 else None
+                _sync(device)
+                t0 = time.perf_counter()
+                for t in range(steps):
+                    eps = model.predict(inference.layout(x, path), torch.tensor(999 - t, device=device), context,
+                                        unet=unets[name], guidance=guidance, null=null)
+                    x = eps.float().contiguous()
+                _sync(device)
+                t1 = time.perf_counter()
+                model.decode(x)
+                _sync(device)
+                times[name]["denoise_s"].append(t1 - t0)
+                times[name]["decode_s"].append(time.perf_counter() - t1 if model.autoencoder is not None else 0.0)
     return {name: {k: float(np.median(v[1:])) for k, v in parts.items()} for name, parts in times.items()}
 
 

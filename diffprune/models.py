@@ -17,9 +17,10 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel, VQModel
 
+from diffprune import inference
 from diffprune.atomic import atomic_dir
 from diffprune.conditioning import ClassCondition, LabelEmbedding, TextCondition
-from diffprune.config import ArchParams
+from diffprune.config import ArchParams, FastPathParams
 from diffprune.errors import DiffpruneError
 from diffprune.family import Diffusion
 from diffprune.persist import ARCH_FILE, DENOISERS, describe, load_exact
@@ -186,16 +187,23 @@ def _from_pretrained(cls, folder: Path):
         raise DiffpruneError(f"{folder}: cannot load weights ({_first_line(exc)})") from None
 
 
-def load_pipeline(model_dir: str | Path, kind: str = "ddim", device: str | torch.device = "cpu"):
-    """A ready diffusers ``DDIMPipeline`` or ``DDPMPipeline`` for a saved (possibly pruned) pixel model."""
+def load_pipeline(model_dir: str | Path, kind: str = "ddim", device: str | torch.device = "cpu",
+                  fast: FastPathParams | None = inference.DEFAULTS):
+    """A ready diffusers ``DDIMPipeline`` or ``DDPMPipeline`` for a saved (possibly pruned) pixel model, on
+    the fast path ``fast`` for ``device`` (a pipeline runs outside our autocast, so reduced precision casts
+    the denoiser's weights; None: plain fp32)."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
+    if kind not in ("ddim", "ddpm"):
+        raise DiffpruneError(f"pipeline kind {kind!r}: expected 'ddim' or 'ddpm'")
     unet, scheduler = load_model(model_dir, device)
+    path = inference.resolve(fast, device)
+    unet = inference.prepare(unet, path)
+    if path.dtype is not None:
+        unet = unet.to(path.dtype)
     if kind == "ddim":
         return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
-    if kind == "ddpm":
-        return DDPMPipeline(unet=unet, scheduler=scheduler)
-    raise DiffpruneError(f"pipeline kind {kind!r}: expected 'ddim' or 'ddpm'")
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
 def load_pretrained(ref: str) -> Diffusion:

@@ -17,6 +17,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffprune import inference
+from diffprune.config import FastPathParams
 from diffprune.errors import DiffpruneError
 from diffprune.family import Diffusion
 from diffprune.seeding import derive_seed
@@ -37,7 +39,6 @@ def sample(unet: UNet2DModel, train_scheduler: DDPMScheduler, n: int, seed: int,
     return generate(Diffusion(unet, train_scheduler), n, seed, **kwargs)
 
 
-@torch.no_grad()
 def generate(
     model: Diffusion,
     n: int,
@@ -52,40 +53,51 @@ def generate(
     device: str | torch.device = "cpu",
     desc: str = "sample",
     progress: bool = True,
+    fast: FastPathParams | None = None,
 ) -> np.ndarray:
     """Generate ``n`` images (NHWC uint8): image ``i`` from noise stream ``derive_seed(seed, i)`` and, for a
-    conditional model, ``conditions[i]`` (a label or a prompt), guided with scale ``guidance``."""
+    conditional model, ``conditions[i]`` (a label or a prompt), guided with scale ``guidance``; ``fast``:
+    the fast path's settings (None: plain fp32)."""
     if model.conditional and (conditions is None or len(conditions) != n):
         raise DiffpruneError(f"a {model.family} model needs one condition per image ({n})")
     if model.conditional:
         model.condition.check(list(conditions), "conditions")
+    path = inference.resolve(fast, device)
     model = model.to(device)
-    model.unet.eval()
-    shape = model.input_shape
+    unet = inference.prepare(model.unet, path)
     out = []
     n_batches = math.ceil(n / batch_size)
     n_steps = min(steps, model.scheduler.config.num_train_timesteps)
     bar = tqdm(total=n_batches * n_steps, desc=desc, disable=not progress, unit="step", leave=False)
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
-        sched = make_sampler(model.scheduler, sampler, steps, latent=model.autoencoder is not None)
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        context = model.context(conditions[start:stop], device) if model.conditional else None
-        null = model.null_context(stop - start, device) if model.conditional and guidance != 1.0 else None
-        for t in sched.timesteps:
-            eps = model.predict(x, t, context, guidance=guidance, null=null)
-            if sampler == "ddim":
-                noise = None
-                if eta > 0:
-                    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-                x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-            else:
-                x = sched.step(eps, t, x, generator=gens).prev_sample
-            bar.update(1)
-        out.append(to_uint8(model.decode(x)))
+    with inference.running(path):
+        for start in range(0, n, batch_size):
+            out.append(_generate_batch(model, unet, path, start, min(n, start + batch_size), seed, conditions,
+                                       guidance, sampler, steps, eta, bar))
     bar.close()
     return np.concatenate(out)
+
+
+def _generate_batch(model: Diffusion, unet, path: inference.FastPath, start: int, stop: int, seed: int,
+                    conditions, guidance: float, sampler: str, steps: int, eta: float, bar) -> np.ndarray:
+    """Images ``start`` … ``stop - 1`` of ``seed``, each from its own noise stream."""
+    device, shape = path.device, model.input_shape
+    gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(start, stop)]
+    sched = make_sampler(model.scheduler, sampler, steps, latent=model.autoencoder is not None)
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    context = model.context(conditions[start:stop], device) if model.conditional else None
+    null = model.null_context(stop - start, device) if model.conditional and guidance != 1.0 else None
+    for t in sched.timesteps:
+        eps = model.predict(inference.layout(x, path), t, context, unet=unet, guidance=guidance, null=null)
+        eps = eps.float().contiguous()  # the scheduler's update stays in fp32
+        if sampler == "ddim":
+            noise = None
+            if eta > 0:
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+            x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        else:
+            x = sched.step(eps, t, x, generator=gens).prev_sample
+        bar.update(1)
+    return to_uint8(model.decode(x).float())
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

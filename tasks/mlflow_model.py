@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffprune.config import FastPathParams
 from diffprune.errors import DiffpruneError
 from diffprune.models import load_diffusion
 from diffprune.sampling import generate
@@ -124,6 +125,8 @@ class DiffpruneGenerator(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         self.default_steps = int(config.get("predict_steps", DEFAULT_STEPS))
         self.default_guidance = float(config.get("predict_guidance") or 1.0)
+        # The evaluated fast path, resolved for this machine's device when predict runs (absent: plain fp32).
+        self.fast = FastPathParams(**config["fast_path"]) if config.get("fast_path") else None
 
     # MLflow 3 reads this hint: pd.DataFrame is one it leaves alone (the logged signature is the schema),
     # where Any, a union or no hint at all give warnings. Called directly, dicts and lists of dicts work too.
@@ -137,7 +140,7 @@ class DiffpruneGenerator(mlflow.pyfunc.PythonModel):
             try:
                 images.append(generate(self.model, r["num_images"], r["seed"], conditions=conditions,
                                        guidance=r["guidance_scale"], sampler=r["sampler"], steps=r["steps"], eta=0.0,
-                                       device=self.device, desc="predict", progress=False))
+                                       device=self.device, desc="predict", progress=False, fast=self.fast))
             except DiffpruneError as exc:  # e.g. a label outside the model's classes
                 raise ValueError(str(exc)) from None
         return np.concatenate(images).astype(np.uint8, copy=False)

@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py            # the default params: ~35 minutes on 2 CPU cores
     python benchmarks/overhead.py --quick    # 100 fine-tuning steps, one 128-image evaluation seed: ~8 minutes
+    python benchmarks/overhead.py --cached-only .   # a finished project: cached run vs a bare Prefect flow
 
 Each front end runs in its own scratch project (a copy of the code, params.yaml and dvc.yaml; fresh
 PREFECT_HOME, MLflow store and caches, so neither reuses the other's FID extractor or features). For the
@@ -70,31 +71,60 @@ def scratch_project(root: Path, raw: dict) -> Path:
     return root
 
 
+def env_for(project: Path) -> dict:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONPATH": str(project),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1", "DVC_NO_ANALYTICS": "1"}
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(name, None)
+    return env
+
+
+def cached_vs_bare(project: Path, env: dict, repeats: int) -> dict:
+    """Fully cached `diffprune run` next to a bare Prefect flow of 7 cached tasks (benchmarks/bare_flow.py)
+    with the same environment and temporary server, interleaved; medians of ``repeats``."""
+    from diffprune.flows.cli import ENVIRONMENT
+
+    env = {**ENVIRONMENT, **env}
+    bare = [sys.executable, str(ROOT / "benchmarks" / "bare_flow.py")]
+    run = [sys.executable, "-m", "diffprune.flows", "run"]
+    timed(bare, project, env)  # fills the bare flow's cache
+    times = {"diffprune_run_s": [], "bare_flow_s": []}
+    for _ in range(repeats):
+        times["bare_flow_s"].append(timed(bare, project, env))
+        times["diffprune_run_s"].append(timed(run, project, env))
+    out = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {**out, "ratio": out["diffprune_run_s"] / out["bare_flow_s"], "all": times}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cached-only", type=Path, metavar="PROJECT",
+                    help="only the cached-run comparison, in PROJECT (its last `diffprune run` must be complete)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.cached_only:
+        project = args.cached_only.resolve()
+        result = cached_vs_bare(project, {**env_for(project), "PREFECT_HOME": str(project / ".prefect-bench")},
+                                args.repeats)
+        print(render_cached(result))
+        save("overhead_cached", result, render_cached(result), args.out)
+        return
     raw = yaml.safe_load(Path(args.params).read_text()) or {}
     if args.quick:
         raw["finetune"] = {**raw.get("finetune", {}), "steps": 100, "checkpoint_every": 50}
         raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 128}
-    bin_dir = Path(sys.executable).parent
-
-    def env_for(project: Path) -> dict:
-        env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONPATH": str(project),
-               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1", "DVC_NO_ANALYTICS": "1"}
-        for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
-            env.pop(name, None)
-        return env
 
     with tempfile.TemporaryDirectory(prefix="diffprune-overhead-") as tmp:
         flow_project = scratch_project(Path(tmp) / "flow", raw)
         env = env_for(flow_project)
         run = [sys.executable, "-m", "diffprune.flows", "run"]
         flow_cold = timed(run, flow_project, env)
-        flow_cached = timed(run, flow_project, env)
+        cached = cached_vs_bare(flow_project, env, args.repeats)
+        flow_cached = cached["diffprune_run_s"]
         split = flow_split(flow_project / "artifacts" / "store")
         dvc_project = scratch_project(Path(tmp) / "dvc", raw)
         env = env_for(dvc_project)
@@ -106,7 +136,8 @@ def main() -> None:
     process = sum(s["process_s"] for s in split.values())
     work = sum(s["work_s"] or 0.0 for s in split.values())
     dvc_work_s = sum(v or 0.0 for v in repro_work.values())
-    payload = {"quick": args.quick, "flow": {"cold_s": flow_cold, "cached_s": flow_cached, "stages": split,
+    payload = {"quick": args.quick, "cached_vs_bare": cached,
+               "flow": {"cold_s": flow_cold, "cached_s": flow_cached, "stages": split,
                                              "stage_processes_s": process, "stage_work_s": work,
                                              "outside_stages_s": flow_cold - process,
                                              "outside_share": (flow_cold - process) / flow_cold},
@@ -115,6 +146,12 @@ def main() -> None:
     markdown = render(payload)
     print(markdown)
     save("overhead-quick" if args.quick else "overhead", payload, markdown, args.out)
+
+
+def render_cached(c: dict) -> str:
+    return (f"Fully cached `diffprune run` {c['diffprune_run_s']:.1f} s vs a bare Prefect flow of 7 cached tasks "
+            f"{c['bare_flow_s']:.1f} s (same temporary server set-up, interleaved medians): "
+            f"{c['ratio']:.2f}×.\n")
 
 
 def render(p: dict) -> str:
@@ -128,7 +165,8 @@ def render(p: dict) -> str:
              f"Everything but the stages' own work: flow {100 * (1 - f['stage_work_s'] / f['cold_s']):.1f} %, "
              f"`dvc repro` {100 * d['outside_work_share']:.1f} % (stage work {d['stage_work_s']:.0f} s of "
              f"{d['cold_s']:.0f} s; the rest is stage-process start-up, loading, saving and DVC's hashing).",
-             "", "| stage | flow: process s | flow: work s | dvc repro: work s |", "|---|---:|---:|---:|"]
+             "", render_cached(p["cached_vs_bare"]),
+             "| stage | flow: process s | flow: work s | dvc repro: work s |", "|---|---:|---:|---:|"]
     for stage, s in sorted(f["stages"].items()):
         work, dvc = s["work_s"], d["stage_work"].get(stage)
         lines.append(f"| {stage} | {s['process_s']:.1f} | {'–' if work is None else f'{work:.1f}'} | "

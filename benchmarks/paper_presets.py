@@ -33,6 +33,7 @@ import torch
 from benchmarks.architectures import ARCHITECTURES, REFERENCES
 from benchmarks.architectures import render as render_architectures
 from benchmarks.common import RESULTS, save
+from diffprune import inference
 from diffprune.config import TrainParams, load_params
 from diffprune.family import Diffusion
 from diffprune.importance import accumulate_gradients
@@ -83,7 +84,8 @@ def timing(name: str, device: str) -> dict:
     res, ch, ft, ev = params.data.resolution, params.data.n_channels, params.finetune, params.evaluate
     torch.manual_seed(0)
     teacher = build_unet(params.teacher.architecture, res, ch)
-    pruned = prune_unet(build_unet(params.teacher.architecture, res, ch), params.prune.pruning_ratio, "magnitude")
+    pruned = prune_unet(build_unet(params.teacher.architecture, res, ch), params.prune.pruning_ratio, "magnitude",
+                        round_to=params.prune.round_to)
     (macs0, _), (macs1, _) = macs_and_params(teacher), macs_and_params(pruned)
     images = np.random.default_rng(0).integers(0, 256, (4 * ft.batch_size, res, res, ch), dtype=np.uint8)
     spent = {}
@@ -96,11 +98,12 @@ def timing(name: str, device: str) -> dict:
     step_s = (spent[40] - spent[10]) / 30
     pair = {"teacher": Diffusion(teacher, None), "pruned": Diffusion(pruned, None)}
     calls = {b: {name: v["denoise_s"] for name, v in latency_pair(pair, b, steps=10, repeats=3,
-                                                                  device=torch.device(device)).items()}
+                                                                  device=torch.device(device), fast=ev.fast).items()}
              for b in (ft.batch_size, ev.batch_size)}
     call_s = calls[ev.batch_size]["pruned"] / 10
     return {"preset": name, "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
             "batch": ft.batch_size, "mixed_precision": ft.mixed_precision, "train_step_s": step_s,
+            "fast_path": inference.resolve(ev.fast, device).describe(), "round_to": params.prune.round_to,
             "latency": {b: {**v, "speedup": v["teacher"] / v["pruned"]} for b, v in calls.items()},
             "macs_ratio": macs1 / macs0, "ideal_speedup": macs0 / macs1,
             "finetune_hours": ft.steps * step_s / 3600,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import inspect
 import json
 from collections.abc import Iterable
@@ -70,12 +69,21 @@ def _stat(f: Path) -> tuple[int, int, int]:
 
 @cache
 def module_file(module: str) -> Path | None:
-    """The source file of a ``diffprune`` module, found without importing it (``None``: not a module)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
+    """The source file of a ``diffprune`` module, found by path without importing anything (``None``: not a
+    module). Importing to ask would load a module's dependencies — torch, transformers — into a process that
+    only checks cache keys. ``diffprune.tasks`` and ``diffprune.flows`` live in the project's top-level
+    folders in a source checkout (pyproject's package-dir) and inside the package once installed."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE.name or not all(p.isidentifier() for p in parts):
         return None
-    return Path(spec.origin).resolve() if spec and spec.origin and spec.origin.endswith(".py") else None
+    base, rest = PACKAGE, parts[1:]
+    if rest and not (PACKAGE / rest[0]).exists() and (PROJECT / rest[0] / "__init__.py").is_file():
+        base, rest = PROJECT / rest[0], rest[1:]
+    path = base.joinpath(*rest)
+    for candidate in ((path / "__init__.py"), path.with_name(path.name + ".py")) if rest else [path / "__init__.py"]:
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
 
 
 def _imports(module: str) -> set[str]:

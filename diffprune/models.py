@@ -24,9 +24,7 @@ from diffprune.config import ArchParams, FastPathParams
 from diffprune.errors import DiffpruneError
 from diffprune.family import Diffusion
 from diffprune.persist import ARCH_FILE, DENOISERS, describe, load_exact
-
-ASSETS = Path(__file__).parent / "assets"  # the shipped teachers, one folder each
-BUILTIN_TEACHER = ASSETS / "teacher-digits16"
+from diffprune.shipped import ASSETS, BUILTIN_TEACHER  # noqa: F401 (re-exported)
 
 
 def build_unet(arch: ArchParams, resolution: int, channels: int) -> UNet2DModel:

@@ -95,7 +95,8 @@ class Steps:
                                    folder / "output", {"diffprune.cache_key": ref["key"],
                                                        "diffprune.cache": "hit" if cached else "miss",
                                                        "diffprune.code_version": manifest.get("code", ""),
-                                                       "diffprune.label": label, **prefect_tags()})
+                                                       "diffprune.label": label, **prefect_tags()},
+                                   cached_key=ref["key"] if cached else None)
         return manifest
 
     def finish(self, ok: bool, metrics: dict | None = None, report: str | None = None) -> None:

@@ -23,7 +23,7 @@ from prefect.cache_policies import CachePolicy
 from diffprune.config import group_model, unkeyed_fields
 from diffprune.fingerprint import code_version, dir_digest
 from diffprune.fingerprint import stage_key as hash_key
-from diffprune.models import ASSETS, BUILTIN_TEACHER
+from diffprune.shipped import ASSETS, BUILTIN_TEACHER
 from diffprune.stage_table import LIBRARY, STAGES, Stage
 from diffprune.tasks import store
 from diffprune.tasks.execute import StageInputError, StageTimeout, run_cli

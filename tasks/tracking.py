@@ -88,13 +88,22 @@ class Tracker:
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
     def log_stage(self, stage: str, params: dict, summary: dict, metrics_dir: Path, output_dir: Path | None,
-                  tags: dict[str, str]) -> str:
-        """A nested run with the stage's params, scalar results, per-step curves, plots and files."""
+                  tags: dict[str, str], cached_key: str | None = None) -> str:
+        """A nested run with the stage's params, scalar results, per-step curves, plots and files.
+
+        ``cached_key``: the stage was a cache hit with this key; its curves, plots and files are already in
+        the run that computed it, so this run records params and results and links there instead.
+        """
+        if cached_key is not None:
+            tags = {**tags, **self._computed_in(cached_key)}
         run_id = self.client.create_run(self.experiment_id, run_name=stage, tags={
             "mlflow.parentRunId": self.run_id, "diffprune.stage": stage, **tags}).info.run_id
         flat = _flatten(params)
         self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
         self.log_metrics({k: v for k, v in _flatten(summary).items() if k != "widths"}, run_id)
+        if cached_key is not None:
+            self.client.set_terminated(run_id)
+            return run_id
         entry = STAGES[stage]
         with tempfile.TemporaryDirectory() as tmp:
             for file in sorted(Path(metrics_dir).glob(f"{stage}*")):
@@ -115,6 +124,17 @@ class Tracker:
                 self.client.log_artifact(run_id, str(Path(output_dir) / image), "samples")
         self.client.set_terminated(run_id)
         return run_id
+
+    def _computed_in(self, key: str) -> dict[str, str]:
+        """Tags naming the earlier nested run that computed the entry ``key`` (none if it is not tracked here)."""
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+            filter_string=f"tags.`diffprune.cache_key` = '{key}' and tags.`diffprune.cache` = 'miss'")
+        if not found:
+            return {}
+        run = found[0].info
+        return {"diffprune.computed_in_run": run.run_id,
+                "mlflow.note.content": f"Cache hit: curves, plots and files are in run {run.run_id}."}
 
     def _log_curve(self, curve: Curve, source: Path, run_id: str, folder: Path) -> Path | None:
         """A line curve becomes a metric history (x as the step) and a plot; bars become a bar chart."""

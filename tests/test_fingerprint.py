@@ -105,3 +105,29 @@ def test_dvc_yaml_is_generated_from_the_stage_table():
         assert set(code_files(stage)) <= set(stages[stage]["deps"]), stage
         for dep in stages[stage]["deps"]:
             assert (ROOT / dep).exists() or not dep.startswith(("diffprune/", "tasks/")), dep
+
+
+def test_code_versions_need_no_heavy_imports():
+    """A cached run checks keys in the flow process: finding a stage's code must not import torch & co."""
+    code = ("import sys\nfrom diffprune.fingerprint import code_version\nfrom diffprune.stage_table import LIBRARY\n"
+            "[code_version(s.name) for s in LIBRARY]\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_folder_is_read_once_per_process_but_changes_are_still_seen(tmp_path, monkeypatch):
+    from diffprune import fingerprint
+
+    (tmp_path / "d").mkdir()
+    f = tmp_path / "d" / "weights.bin"
+    f.write_bytes(b"a" * 100)
+    first = dir_digest(tmp_path / "d")
+    reads = []
+    original = fingerprint.sha256_file
+    monkeypatch.setattr(fingerprint, "sha256_file", lambda p: reads.append(p) or original(p))
+    assert dir_digest(tmp_path / "d") == first and reads == [], "unchanged: no file is read again"
+    f.write_bytes(b"b" * 100)  # same size, new content (and modification time)
+    assert dir_digest(tmp_path / "d") != first and reads
+    f.unlink()
+    assert dir_digest(tmp_path / "d") != first

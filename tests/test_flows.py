@@ -57,13 +57,19 @@ def test_pipeline_runs_end_to_end_then_every_stage_is_a_cache_hit(project):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.tags["diffprune.stage"] for c in children} == set(STAGES)
-    finetune = next(c for c in children if c.data.tags["diffprune.stage"] == "finetune")
-    assert finetune.data.tags["diffprune.cache"] == "hit"
+    hits = {c.data.tags["diffprune.stage"]: c for c in children}
+    computed = {c.data.tags["diffprune.stage"]: c for c in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{first['mlflow_run_id']}'")}
+    for stage, run in hits.items():  # a hit records params and results, and links the run that computed it
+        assert run.data.tags["diffprune.cache"] == "hit"
+        if stage != "register":
+            assert run.data.tags["diffprune.computed_in_run"] == computed[stage].info.run_id, stage
+            assert run.data.params == computed[stage].data.params, stage
+    assert not client.list_artifacts(hits["finetune"].info.run_id), "a hit does not upload its files again"
+    assert {"pruned.fid", "pruned.ssim", "macs_ratio", "speedup"} <= set(hits["evaluate"].data.metrics)
+    finetune, evaluate, score = computed["finetune"], computed["evaluate"], computed["score"]
     assert len(client.get_metric_history(finetune.info.run_id, "loss")) == 4  # per-step training loss
-    evaluate = next(c for c in children if c.data.tags["diffprune.stage"] == "evaluate")
-    assert {"pruned.fid", "pruned.ssim", "macs_ratio", "speedup"} <= set(evaluate.data.metrics)
     assert "samples/grid_pairs.png" in {a.path for a in client.list_artifacts(evaluate.info.run_id, "samples")}
-    score = next(c for c in children if c.data.tags["diffprune.stage"] == "score")
     assert {"plots/importance.png", "plots/loss_over_t.png"} <= {
         a.path for a in client.list_artifacts(score.info.run_id, "plots")}
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}

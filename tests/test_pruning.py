@@ -155,6 +155,24 @@ def test_round_to_keeps_every_pruned_width_a_multiple(tmp_path):
     assert changed and all(w % 4 == 0 for w in changed.values()), changed
 
 
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_with_a_macs_target_keeps_groups_whole_and_lands_under_it(tiny_unet, round_to):
+    """Hardware-aware widths: every pruned width a multiple of round_to, GroupNorm groups still whole (and
+    as many), attention heads intact, and the MACs target still met."""
+    base = macs_and_params(tiny_unet)[0]
+    pruned, _ = prune_to_macs(copy.deepcopy(tiny_unet), 0.6, "magnitude", round_to=round_to)
+    assert macs_and_params(pruned)[0] <= 0.6 * base
+    original, widths = layer_widths(tiny_unet), layer_widths(pruned)
+    changed = {n: w for n, w in widths.items() if w != original[n]}
+    assert changed and all(w % round_to == 0 for w in changed.values()), changed
+    before = dict(tiny_unet.named_modules())
+    for name, module in pruned.named_modules():
+        if isinstance(module, nn.GroupNorm):
+            assert module.num_groups == before[name].num_groups and module.num_channels % module.num_groups == 0
+    x = torch.randn(2, 1, 8, 8)
+    assert pruned(x, torch.tensor([1, 5])).sample.shape == x.shape
+
+
 def test_gradient_checkpointing_does_not_hide_layers_from_pruning(tmp_path):
     model = _conditional(tmp_path)
     plain = layer_widths(prune_unet(copy.deepcopy(model.unet), 0.3, "magnitude"))

@@ -11,13 +11,14 @@ import torch
 from mlflow.tracking import fluent
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from diffprune.config import RegisterParams
+from diffprune.config import FastPathParams, RegisterParams
 from diffprune.tasks.registry import load_champion, register
 
 NAME = "diffprune-test"
 PARAMS = RegisterParams(model_name=NAME, predict_steps=2)
 GOOD = {"criterion": "diff-pruning", "thr": 0.05, "fid": 1.1, "teacher_fid": 1.0, "fid_ratio": 1.1,
-        "macs_ratio": 0.5, "teacher": "builtin"}
+        "macs_ratio": 0.5, "teacher": "builtin",
+        "fast_path_params": {"precision": "fp32", "channels_last": True, "compile": False}}
 WORSE = {"criterion": "magnitude", "fid_ratio": 1.2, "macs_ratio": 0.5}  # within max_fid_ratio, beyond the margin
 
 
@@ -111,3 +112,9 @@ def generator(registered):
 def test_bad_requests_are_refused_with_clear_messages(generator, ask, message):
     with pytest.raises(ValueError, match=message):
         generator.predict(None, ask)
+
+
+def test_the_registered_model_samples_on_the_evaluated_fast_path(generator):
+    """predict() uses the fast path the evaluation used (settings stored in the model config, resolved for
+    the serving device when loaded)."""
+    assert generator.fast == FastPathParams(precision="fp32", channels_last=True)

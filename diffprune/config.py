@@ -15,6 +15,7 @@ from diffprune.stage_table import NAMES as STAGE_NAMES
 from diffprune.stage_table import STAGES
 
 Criterion = Literal[criteria.NAMES]
+Variant = Literal[criteria.VARIANTS]
 # Flags declared on fields (``json_schema_extra``): read by the cache key and the training resume check.
 NOT_KEYED = {"cache_key": False}  # where things are kept, not what is computed: not part of a cache key
 RESUMABLE = {"resumable": True}  # run length: may change between a run and its resumption
@@ -145,6 +146,10 @@ class ScoreParams(_Strict):
     criterion: Criterion = Field("diff-pruning", description=" | ".join(criteria.NAMES))
     thr: float = Field(0.05, ge=0.0, lt=1.0,
                        description="diff-pruning: stop after the first t with loss < thr * max loss (0: all T steps)")
+    variant: Variant = Field(
+        "diffusers", description="diff-pruning/taylor: diffusers = the official diffusers path (Σ|w·∇w|, the "
+                                 "sub-threshold step included); paper = the code behind the paper's tables "
+                                 "(Σ(w·∇w)² + |γ·∇γ|, summed-error loss, that step excluded)")
     batch_size: int = Field(32, ge=1, description="the fixed batch x0 (the paper: 128 on CIFAR-10); 32 keeps "
                                                   "scoring ~2 min on 2 CPU cores")
     n_batches: int = Field(1, ge=1, description="batches averaged per timestep")

@@ -5,6 +5,8 @@ same t, model in eval mode) accumulate ∇ of the ε-prediction MSE; stop after 
 is below ``thr × max loss so far`` (thr 0: all T steps). Channel scores are then the first-order
 Taylor terms Σ|w·∇w| per channel (torch-pruning's ``TaylorImportance(multivariable=False)``).
 ``taylor``: all T steps, multivariable Taylor |Σ w·∇w| (the paper's baseline).
+``score.variant: paper`` follows the code behind the paper's tables instead: a summed-error loss, the
+stop checked before the backward pass, and :mod:`diffprune.paper_taylor`'s channel score for both.
 ``magnitude``, ``random`` and ``reinit`` need no gradients.
 """
 
@@ -44,6 +46,7 @@ def accumulate_gradients(
     progress: bool = True,
     contexts: list[torch.Tensor | None] | None = None,
     timestep_batch: int = 1,
+    variant: str = "diffusers",
 ) -> GradientPass:
     """Run the timestep loop over ``batches`` (model inputs x0, NCHW); see the module docstring.
 
@@ -52,6 +55,8 @@ def accumulate_gradients(
     ``timestep_batch``: timesteps evaluated in one forward/backward (k copies of each batch, one per t).
     The result is the sequential loop's: each t's loss is its own mean, the chunk's per-t losses decide
     where the loop stops, and only the timesteps up to and including that one enter the backward pass.
+    ``variant`` "paper": the loss of ``ddpm_exp`` (squared error summed over C, H, W, averaged over the
+    batch) and its stop, checked before the backward pass (the first sub-threshold step is left out).
     """
     unet = unet.to(device).eval()
     unet.zero_grad(set_to_none=True)
@@ -70,22 +75,26 @@ def accumulate_gradients(
     bar = tqdm(total=T, desc=f"score {criterion}", disable=not progress, unit="t", leave=False)
     for t0 in range(0, T, max(1, timestep_batch)):
         ts = torch.arange(t0, min(T, t0 + max(1, timestep_batch)), device=device)
-        per_t = [_losses_at(unet, x0, eps, context, ts, alphas) / len(batches)
+        scale = batches[0][0].numel() if variant == "paper" else 1  # summed, not averaged, over C, H, W
+        per_t = [_losses_at(unet, x0, eps, context, ts, alphas) * scale / len(batches)
                  for x0, eps, context in zip(batches, noises, contexts, strict=True)]
         totals = torch.stack([p.detach() for p in per_t]).sum(0).tolist()
         kept, done = 0, False
         for t, total in zip(ts.tolist(), totals, strict=True):
+            loss_max = max(loss_max, total)
+            done = stop > 0 and total < stop * loss_max
+            if done and variant == "paper":  # ddpm_exp breaks before backward: this step is left out
+                break
             kept += 1
             visited.append(t)
             losses.append(total)
-            loss_max = max(loss_max, total)
-            # As the official diffusers path, the first sub-threshold step still enters the backward pass.
-            done = stop > 0 and total < stop * loss_max
-            if done:
+            if done:  # the official diffusers path breaks after backward: this step is included
                 break
-        sum(p[:kept].sum() for p in per_t).backward()
+        if kept:
+            sum(p[:kept].sum() for p in per_t).backward()
         bar.update(kept)
-        bar.set_postfix(t=visited[-1], loss=f"{losses[-1]:.4f}")
+        if visited:
+            bar.set_postfix(t=visited[-1], loss=f"{losses[-1]:.4f}")
         if done:
             break
     bar.close()

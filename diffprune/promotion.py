@@ -15,7 +15,7 @@ from diffprune.config import RegisterParams
 
 # Only these keys become tags: a summary may hold more (paths, per-seed lists) than a tag should carry.
 TAG_KEYS = (
-    "criterion", "thr", "pruning_ratio", "target_macs", "macs", "macs_ratio", "params", "fid", "fid_std",
+    "criterion", "thr", "variant", "pruning_ratio", "target_macs", "macs", "macs_ratio", "params", "fid", "fid_std",
     "fid_ratio", "teacher_fid", "ssim", "speedup", "teacher", "fid_extractor", "sampler_steps", "n_samples",
     "family", "guidance_scale", "pipeline_speedup", "accuracy", "teacher_accuracy", "clip_score",
 )

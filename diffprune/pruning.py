@@ -41,8 +41,10 @@ def prune_unet(
     grads: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     round_to: int | None = None,
+    variant: str = "diffusers",
 ) -> UNet2DModel:
-    """Prune ``unet`` in place at ``ratio`` (per group, paper semantics) and return it."""
+    """Prune ``unet`` in place at ``ratio`` (per group, paper semantics) and return it; ``variant`` picks the
+    gradient criteria's channel score (:data:`diffprune.criteria.VARIANTS`)."""
     if not 0.0 <= ratio < 1.0:
         raise DiffpruneError(f"pruning ratio {ratio} outside [0, 1)")
     unet = unet.eval()
@@ -51,7 +53,7 @@ def prune_unet(
             p.grad = grads[name].to(p.device, p.dtype) if name in grads else None
     if criterion_row(criterion).needs_gradients and grads is None:
         raise DiffpruneError(f"criterion {criterion!r} needs the gradients of the score stage")
-    graph, plans = plan_pruning(unet, ratio, criterion, seed, round_to)
+    graph, plans = plan_pruning(unet, ratio, criterion, seed, round_to, variant)
     for module, handler, idxs in plans:
         graph.get_pruning_group(module, handler, idxs).prune()
     _fix_diffusers_attributes(unet)
@@ -60,14 +62,15 @@ def prune_unet(
     return unet
 
 
-def plan_pruning(unet: UNet2DModel, ratio: float, criterion: str, seed: int = 0, round_to: int | None = None) -> tuple:
+def plan_pruning(unet: UNet2DModel, ratio: float, criterion: str, seed: int = 0, round_to: int | None = None,
+                 variant: str = "diffusers") -> tuple:
     """The dependency graph and, per group, (root module, pruning function, channel indices to remove).
 
     Scores for every group are computed before anything is pruned; gradients must already sit in ``.grad``.
     """
     from diffprune.family import example_inputs_for
 
-    importance = criterion_row(criterion).importance()
+    importance = criterion_row(criterion).ranker(variant)
     if getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()  # its wrappers hide layers from the tracer (Diff-Pruning #8)
     graph = tp.DependencyGraph().build_dependency(unet, example_inputs=example_inputs_for(unet), verbose=False)
@@ -100,13 +103,14 @@ def prune_to_macs(
     seed: int = 0,
     tol: float = 1e-3,
     round_to: int | None = None,
+    variant: str = "diffusers",
 ) -> tuple[UNet2DModel, float]:
     """The smallest ratio whose pruned MACs are at or under ``target`` × the original's (bisection)."""
     base_macs, _ = macs_and_params(unet)
     lo, hi, best = 0.0, 0.95, None
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        pruned = prune_unet(copy.deepcopy(unet), mid, criterion, grads, seed, round_to)
+        pruned = prune_unet(copy.deepcopy(unet), mid, criterion, grads, seed, round_to, variant)
         if macs_and_params(pruned)[0] <= target * base_macs:
             hi, best = mid, pruned
         else:

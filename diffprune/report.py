@@ -20,8 +20,10 @@ def headline(summaries: dict[str, dict]) -> dict:
     return {
         "teacher": teacher.get("pretrained") or teacher.get("source"),
         "criterion": prune.get("criterion"),
-        "method": method_label(prune.get("criterion"), score.get("thr")),
+        "method": method_label(prune.get("criterion"), score.get("thr"), score.get("variant")),
         "thr": score.get("thr"),
+        "variant": score.get("variant"),
+        "score_batch": score.get("batch_size"),
         "timesteps_visited": score.get("timesteps_visited"),
         "score_seconds": score.get("seconds"),
         "pruning_ratio": prune.get("pruning_ratio"),

@@ -162,6 +162,7 @@ def score(params: ScoreParams, *, data: PathLike, teacher: PathLike, out: PathLi
             f"score: batch_size × n_batches = {need} exceeds the {len(prepared.train)} training images")
     row = criterion_row(params.criterion)
     info = {"criterion": params.criterion, "thr": params.thr if row.uses_threshold else None,
+            "variant": params.variant if row.needs_gradients else None,
             "batch_size": params.batch_size, "n_batches": params.n_batches, "timestep_batch": params.timestep_batch,
             "seed": params.seed,
             "teacher": model_hash(unet), "family": model.family}
@@ -170,7 +171,8 @@ def score(params: ScoreParams, *, data: PathLike, teacher: PathLike, out: PathLi
             device = resolve_device(params.device)
             batches, contexts = _score_batches(model, teacher, prepared, params, device)
             result = accumulate_gradients(unet, model.scheduler, batches, params.criterion, params.thr, params.seed,
-                                          device, contexts=contexts, timestep_batch=params.timestep_batch)
+                                          device, contexts=contexts, timestep_batch=params.timestep_batch,
+                                          variant=params.variant)
             save_file({k: v.contiguous().cpu() for k, v in result.grads.items()}, tmp / "gradients.safetensors")
             write_loss_over_t(result.timesteps, result.losses, tmp / "loss_over_t.csv")
             _write_layer_importance(unet, result.grads, tmp / "importance.csv")
@@ -220,22 +222,24 @@ def prune(params: PruneParams, *, teacher: PathLike, scores: PathLike, out: Path
     model = load_diffusion(teacher)
     unet = model.unet
     ranked = read_scores(scores, model_hash(unet))
-    criterion = ranked["criterion"]
+    criterion, variant = ranked["criterion"], ranked.get("variant") or "diffusers"
     grads = ranked.get("gradients")
     inputs = model.example_inputs()
     before_macs, before_params = macs_and_params(unet, inputs)
     start = time.perf_counter()
     if params.target_macs is not None:
-        unet, ratio = prune_to_macs(unet, params.target_macs, criterion, grads, params.seed, round_to=params.round_to)
+        unet, ratio = prune_to_macs(unet, params.target_macs, criterion, grads, params.seed, round_to=params.round_to,
+                                    variant=variant)
     else:
         ratio = params.pruning_ratio
-        unet = prune_unet(unet, ratio, criterion, grads, params.seed, params.round_to)
+        unet = prune_unet(unet, ratio, criterion, grads, params.seed, params.round_to, variant)
     reinit = params.reinit or criterion_row(criterion).reinit
     if reinit:
         reinitialise(unet, params.seed)
     seconds = time.perf_counter() - start
     macs, n_params = macs_and_params(unet, inputs)
-    info = {"criterion": criterion, "pruning_ratio": ratio, "target_macs": params.target_macs, "reinit": reinit,
+    info = {"criterion": criterion, "variant": ranked.get("variant"), "pruning_ratio": ratio,
+            "target_macs": params.target_macs, "reinit": reinit,
             "round_to": params.round_to, "family": model.family,
             "teacher": {"macs": before_macs, "params": before_params},
             "pruned": {"macs": macs, "params": n_params},

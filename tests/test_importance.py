@@ -133,3 +133,35 @@ def test_timestep_batches_equal_the_sequential_loop(trained_tiny, digits, criter
         assert many.grads.keys() == one.grads.keys()
         for name, grad in one.grads.items():
             torch.testing.assert_close(many.grads[name], grad, rtol=1e-4, atol=1e-6 * float(scale), msg=name)
+
+
+def test_paper_variant_sums_the_error_and_stops_before_the_sub_threshold_step(trained_tiny, digits):
+    """ddpm_exp's loop by hand: loss = squared error summed over C, H, W and averaged over the batch; the
+    maximum is updated, then the loop breaks *before* backward, so the first sub-threshold step is left out."""
+    seed, thr, T = 2, 0.3, 100
+    x0 = images_to_tensor(digits.train[:8])
+    sched = make_scheduler(T)
+    result = accumulate_gradients(trained_tiny, sched, [x0], "diff-pruning", thr, seed=seed, progress=False,
+                                  timestep_batch=4, variant="paper")
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, 0)))
+    alphas = sched.alphas_cumprod
+    trained_tiny.eval().zero_grad(set_to_none=True)
+    visited, losses, loss_max = [], [], 0.0
+    for t in range(T):
+        xt = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+        loss = (trained_tiny(xt, torch.full((8,), t)).sample - eps).pow(2).sum(dim=(1, 2, 3)).mean()
+        loss_max = max(loss_max, loss.item())
+        if loss.item() < thr * loss_max:
+            break
+        loss.backward()
+        visited.append(t)
+        losses.append(loss.item())
+    manual = {n: p.grad.clone() for n, p in trained_tiny.named_parameters() if p.grad is not None}
+    trained_tiny.zero_grad(set_to_none=True)
+    diffusers = accumulate_gradients(trained_tiny, sched, [x0], "diff-pruning", thr, seed=seed, progress=False)
+    assert 1 < len(visited) < T and result.timesteps == visited
+    assert diffusers.timesteps == [*visited, len(visited)], "the diffusers path keeps the sub-threshold step"
+    assert result.losses == [pytest.approx(v, rel=1e-5) for v in losses]
+    scale = max(float(g.abs().max()) for g in manual.values())
+    for name, grad in manual.items():
+        torch.testing.assert_close(result.grads[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=name)

@@ -155,6 +155,21 @@ def test_score_writes_gradients_only_for_gradient_criteria(root, score_runs, cri
     assert json.loads((out / "score.json").read_text()) == written, "out holds the same summary"
 
 
+def test_the_paper_variant_travels_from_score_to_prune(root, digits_dir, teacher_run, score_runs):
+    """score.variant paper: recorded in score.json and used by the prune stage to rank (the loop's own rule,
+    one step fewer where the threshold stops it, is tested in test_importance)."""
+    info = stages.score(ScoreParams(criterion="diff-pruning", batch_size=8, thr=0.3, variant="paper"),
+                        data=digits_dir, teacher=root / "teacher", out=root / "scores-paper",
+                        metrics=root / "m-score-paper")
+    assert info["variant"] == "paper" and score_runs["diff-pruning"]["variant"] == "diffusers"
+    assert score_runs["magnitude"]["variant"] is None, "no gradient pass, no variant"
+    assert info["timesteps_visited"] <= score_runs["diff-pruning"]["timesteps_visited"]
+    pruned = {v: stages.prune(PruneParams(pruning_ratio=0.5), teacher=root / "teacher", scores=root / f"scores-{s}",
+                              out=root / f"pruned-{v}", metrics=root / f"m-prune-{v}")
+              for v, s in (("paper", "paper"), ("diffusers", "diff-pruning"))}
+    assert pruned["paper"]["variant"] == "paper" and pruned["diffusers"]["variant"] == "diffusers"
+
+
 @pytest.mark.parametrize("how", PRUNES)
 def test_prune_shrinks_the_teacher_as_asked(root, prune_runs, how):
     info = prune_runs[how]

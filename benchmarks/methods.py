@@ -1,5 +1,10 @@
 """Method comparison through the sweep flow: scratch training (reinit), random, magnitude, Taylor and
-Diff-Pruning at several thresholds, at two MACs targets, the same fine-tuning budget, several seeds.
+Diff-Pruning at several thresholds, at two MACs targets, the same fine-tuning budget, several seeds —
+branches paired by seed — plus Diff-Pruning against each other method paired by seed (diffprune.paired).
+
+    # the paired comparison of issue 13: ≥ 5 seeds at 0.6 MACs, both score variants, a 4 × 32-image row
+    python benchmarks/methods.py --criteria diff-pruning taylor magnitude random --thresholds 0.05 \
+        --targets 0.6 --seeds 0 1 2 3 4 --variants diffusers paper --score-batches 1 4
 
     python benchmarks/methods.py                      # the default params.yaml; ~4 h on 2 CPU cores
     python benchmarks/methods.py --workers 12 --set tracking.enabled=false   # the committed results: one H200,
@@ -21,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, mean_std, save
+from diffprune import paired
 from diffprune.config import load_params
 from diffprune.criteria import method_label
 from diffprune.flows.cli import prepare_environment
@@ -33,6 +39,9 @@ def main() -> None:
     ap.add_argument("--thresholds", nargs="+", type=float, default=[0.0, 0.02, 0.05])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.35], help="fractions of the teacher's MACs")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=["diffusers"], help="score variants of the gradient criteria")
+    ap.add_argument("--score-batches", nargs="+", type=int, default=[1],
+                    help="score.n_batches values of the gradient criteria")
     ap.add_argument("--workers", type=int, default=2, help="stages running at once (each its own process)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -48,6 +57,8 @@ def main() -> None:
                  f"sweep.thresholds=[{','.join(map(str, args.thresholds))}]",
                  f"sweep.target_macs=[{','.join(map(str, args.targets))}]",
                  f"sweep.seeds=[{','.join(map(str, args.seeds))}]",
+                 f"sweep.variants=[{','.join(args.variants)}]",
+                 f"sweep.score_batches=[{','.join(map(str, args.score_batches))}]",
                  f"orchestration.max_workers={args.workers}", *args.overrides]
     params = load_params(args.params, overrides)
     prepare_environment(params.orchestration.store)
@@ -69,7 +80,7 @@ def rows_from_store(root: Path) -> list[dict]:
     """One row per evaluated branch, from the stage manifests alone (no weights needed). Walks forward
     from each score entry by output digest: two branches whose pruned models came out identical share
     one fine-tuning entry, which records only the first branch as its input."""
-    from diffprune.report import HEADLINE_STAGES, branch_label, headline
+    from diffprune.report import HEADLINE_STAGES, branch_label, branch_method, headline
 
     entries = {stage: {m["key"]: m for m in (json.loads(p.read_text()) for p in root.glob(f"{stage}/*/manifest.json"))}
                for stage in HEADLINE_STAGES}
@@ -87,9 +98,12 @@ def rows_from_store(root: Path) -> list[dict]:
                     teacher = entries["teacher"][prune["inputs"]["teacher"]]
                     chain = dict(zip(HEADLINE_STAGES, (teacher, score, prune, tuned, evaluation), strict=True))
                     s = {stage: m["summary"] for stage, m in chain.items()}
-                    branch = {"criterion": score["params"]["criterion"], "thr": score["params"]["thr"],
-                              "target_macs": prune["params"]["target_macs"], "seed": seed}
-                    rows.append({**headline(s), **branch, "label": branch_label(**branch)})
+                    sp = score["params"]
+                    shown = sp.get("variant", "diffusers") if s["score"].get("variant") else None
+                    branch = {"criterion": sp["criterion"], "thr": sp["thr"], "seed": seed, "variant": shown,
+                              "target_macs": prune["params"]["target_macs"], "n_batches": sp.get("n_batches", 1)}
+                    rows.append({**headline(s), **branch, "label": branch_label(**branch),
+                                 "method": branch_method(sp["criterion"], sp["thr"], shown, branch["n_batches"])})
     if not rows:
         raise SystemExit(f"{root}: no evaluated branch (no complete score → evaluate chain)")
     return sorted(rows, key=lambda r: r["label"])
@@ -99,8 +113,7 @@ def aggregate(rows: list[dict], steps: int) -> list[dict]:
     """Mean and spread over seeds of each (method, target); the teacher first."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        method = method_label(r["criterion"], r["thr"])
-        groups[(method, r["target_macs"])].append(r)
+        groups[(r.get("method") or method_label(r["criterion"], r["thr"]), r["target_macs"])].append(r)
     first = rows[0]
     table = [{"method": "teacher", "target_macs": 1.0, "params": first["teacher_params"], "macs": first["teacher_macs"],
               "fid": first["teacher_fid"], "fid_std": first["teacher_fid_std"], "ssim": 1.0, "ssim_std": 0.0,
@@ -132,6 +145,9 @@ def render(table: list[dict], rows: list[dict]) -> str:
             f"{visited if visited else '–'} | {_seconds(t.get('score_s'))} | {_seconds(t.get('finetune_s'))} |")
     failed = [r for r in rows if "error" in r]
     lines += [f"- {r['label']}: failed in {r['failed_stage']}: {r['error']}" for r in failed]
+    done = [r for r in rows if "error" not in r and r.get("method")]
+    if done:
+        lines += ["", "Paired by seed (FID; Diff-Pruning minus the other method):", "", paired.render(done)]
     return "\n".join(lines) + "\n"
 
 

@@ -297,7 +297,13 @@ class SweepParams(_Strict):
     criteria: tuple[Criterion, ...] = Field(criteria.NAMES, min_length=1, description="criteria compared")
     thresholds: tuple[float, ...] = Field((0.05,), min_length=1, description="diff-pruning thresholds")
     target_macs: tuple[float, ...] = Field((0.6,), min_length=1, description="fractions of the teacher's MACs")
-    seeds: tuple[int, ...] = Field((0,), min_length=1, description="pruning + fine-tuning seeds per branch")
+    seeds: tuple[int, ...] = Field(
+        (0,), min_length=1, description="per branch: the scoring batch and noise, pruning and fine-tuning seed; "
+                                        "branches of one seed are paired")
+    variants: tuple[Variant, ...] = Field(("diffusers",), min_length=1,
+                                          description="diff-pruning/taylor: score.variant values compared")
+    score_batches: tuple[int, ...] = Field(
+        (1,), min_length=1, description="diff-pruning/taylor: score.n_batches values (× score.batch_size images)")
 
     @model_validator(mode="after")
     def _ranges(self) -> SweepParams:
@@ -307,6 +313,8 @@ class SweepParams(_Strict):
         for target in self.target_macs:
             if not 0.0 < target <= 1.0:
                 raise ValueError(f"target_macs: {target} outside (0, 1]")
+        if min(self.score_batches) < 1:
+            raise ValueError("score_batches: every value must be >= 1")
         return self
 
 

@@ -46,9 +46,16 @@ def headline(summaries: dict[str, dict]) -> dict:
     }
 
 
-def branch_label(criterion: str, thr: float, target_macs: float, seed: int) -> str:
+def branch_method(criterion: str, thr: float | None, variant: str | None = None, n_batches: int = 1) -> str:
+    """A sweep branch's method: the criterion with the settings that vary (the paper variant, a threshold,
+    several scoring batches)."""
+    return method_label(criterion, thr, variant) + (f"-x{n_batches}" if n_batches != 1 else "")
+
+
+def branch_label(criterion: str, thr: float | None, target_macs: float, seed: int, variant: str | None = None,
+                 n_batches: int = 1) -> str:
     """A sweep branch's name: the method, its MACs target and seed."""
-    return f"{method_label(criterion, thr)}-macs{target_macs:g}-seed{seed}"
+    return f"{branch_method(criterion, thr, variant, n_batches)}-macs{target_macs:g}-seed{seed}"
 
 
 def _num(x, digits: int = 3) -> str:
@@ -101,7 +108,7 @@ def comparison(rows: list[dict]) -> str:
     lines = ["| method | MACs target | params | MACs | FID | SSIM | steps | score s | fine-tune s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        method = method_label(r["criterion"], r.get("thr"))
+        method = r.get("method") or method_label(r["criterion"], r.get("thr"))
         if r.get("seed") is not None:
             method += f", seed {r['seed']}"
         lines.append(

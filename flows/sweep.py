@@ -1,6 +1,6 @@
 """The sweep flow: importance criteria × MACs targets × seeds, sharing one prepared dataset and teacher.
 
-Branches fan out as independent task futures; a score is computed once per criterion and reused by
+Branches fan out as independent task futures; a score is computed once per criterion and seed and reused by
 every target (same cache key). The task runner is local threads by default, or a Dask cluster
 (``orchestration.task_runner: dask``). It ends with one paper-style comparison table.
 """
@@ -17,26 +17,34 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from diffprune import paired
 from diffprune.atomic import atomic_file, write_json
 from diffprune.config import Params, load_params
 from diffprune.criteria import CRITERIA
 from diffprune.flows.steps import Steps, publish_grids, publish_table, shared_stages, stage_params, summary_of, wiring
-from diffprune.report import branch_label, comparison
+from diffprune.report import branch_label, branch_method, comparison
 from diffprune.stage_table import LIBRARY
 from diffprune.tasks import store
 
 
 def branches(params: Params) -> list[dict]:
-    """Every (criterion, thr, target, seed) combination; thresholds apply where a criterion uses one.
-    Seeds vary slowest: a sweep stopped half-way has compared every method on the first seeds."""
-    out = []
-    for seed in params.sweep.seeds:
-        for target in params.sweep.target_macs:
-            for criterion in params.sweep.criteria:
-                uses_thr = CRITERIA[criterion].uses_threshold
-                for thr in params.sweep.thresholds if uses_thr else (params.score.thr,):
-                    out.append({"criterion": criterion, "thr": thr, "target_macs": target, "seed": seed,
-                                "label": branch_label(criterion, thr, target, seed)})
+    """Every (criterion, thr, variant, scoring batches, target, seed) combination; thresholds apply where a
+    criterion uses one, variants and scoring batches where it has a gradient pass. Seeds vary slowest: a
+    sweep stopped half-way has compared every method on the first seeds. Branches of one seed are paired:
+    the same scoring batch and noise, the same pruning and fine-tuning seed."""
+    out, sw = [], params.sweep
+    for seed in sw.seeds:
+        for target in sw.target_macs:
+            for criterion in sw.criteria:
+                row = CRITERIA[criterion]
+                for thr in sw.thresholds if row.uses_threshold else (params.score.thr,):
+                    for variant in sw.variants if row.needs_gradients else (params.score.variant,):
+                        for n_batches in sw.score_batches if row.needs_gradients else (params.score.n_batches,):
+                            shown = variant if row.needs_gradients else None
+                            out.append({"criterion": criterion, "thr": thr, "variant": variant, "n_batches": n_batches,
+                                        "target_macs": target, "seed": seed,
+                                        "method": branch_method(criterion, thr, shown, n_batches),
+                                        "label": branch_label(criterion, thr, target, seed, shown, n_batches)})
     return out
 
 
@@ -46,7 +54,8 @@ VARIED = ("score", "prune", "finetune")
 
 def branch_changes(branch: dict) -> dict[str, dict]:
     """What a branch sets in each varied stage's params."""
-    return {"score": {"criterion": branch["criterion"], "thr": branch["thr"]},
+    return {"score": {"criterion": branch["criterion"], "thr": branch["thr"], "variant": branch["variant"],
+                      "n_batches": branch["n_batches"], "seed": branch["seed"]},
             "prune": {"pruning_ratio": None, "target_macs": branch["target_macs"], "seed": branch["seed"]},
             "finetune": {"seed": branch["seed"]}}
 
@@ -63,7 +72,7 @@ def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
             for stage in (s.name for s in LIBRARY if s.name not in shared):
                 stage_args = {**stage_params(params, stage), **changes.get(stage, {})}
                 inputs = wiring(stage, refs)
-                # Identical work is submitted once: a criterion is scored once for every target and seed.
+                # Identical work is submitted once: a criterion is scored once per seed for every target.
                 sig = (stage, json.dumps(stage_args, sort_keys=True), tuple((n, id(v)) for n, v in inputs.items()))
                 if sig not in submitted:
                     submitted[sig] = steps.task(stage).submit(params=stage_args, inputs=inputs, run=steps.run)
@@ -99,6 +108,8 @@ def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
                     "macs": done[0]["teacher_macs"], "fid": done[0]["teacher_fid"],
                     "fid_std": done[0]["teacher_fid_std"], "ssim": 1.0, "finetune_steps": None} if done else None)
     markdown = "# diffprune sweep\n\n" + comparison(([teacher_row] if teacher_row else []) + done)
+    if len({r["seed"] for r in done}) > 1:
+        markdown += "\n## Paired by seed\n\n" + paired.render(done)
     for r in rows:
         if "error" in r:
             markdown += f"\n- {r['label']}: failed in {r['failed_stage']}: {r['error']}"

@@ -139,3 +139,20 @@ def test_sweep_fans_out_on_a_local_dask_cluster_and_shares_scores(project):
     assert "| teacher |" in table and "magnitude" in table
     rows = json.loads(Path(result["table_file"]).with_suffix(".json").read_text())
     assert len(rows) == 4
+
+
+def test_sweep_branches_pair_by_seed_and_vary_the_score_only_where_it_has_a_gradient_pass():
+    from diffprune.config import Params
+    from diffprune.flows.sweep import branch_changes, branches
+
+    params = Params(sweep={"criteria": ["diff-pruning", "taylor", "magnitude"], "thresholds": [0.05],
+                           "seeds": [0, 1], "variants": ["diffusers", "paper"], "score_batches": [1, 4]})
+    found = branches(params)
+    assert len(found) == 2 * (4 + 4 + 1) and len({b["label"] for b in found}) == len(found)
+    assert {b["method"] for b in found if b["criterion"] == "diff-pruning"} == {
+        "diff-pruning-thr0.05", "diff-pruning-paper-thr0.05", "diff-pruning-thr0.05-x4",
+        "diff-pruning-paper-thr0.05-x4"}
+    assert {b["method"] for b in found if b["criterion"] == "magnitude"} == {"magnitude"}
+    for b in found:  # one seed: the same scoring batch and noise, pruning and fine-tuning seed for every method
+        changes = branch_changes(b)
+        assert changes["score"]["seed"] == changes["prune"]["seed"] == changes["finetune"]["seed"] == b["seed"]

@@ -1,0 +1,92 @@
+"""A comparison that can rank methods: FID per method over seeds, and Diff-Pruning against each other
+method paired by seed (the branches of one seed share the scoring batch and noise and the pruning and
+fine-tuning seeds, so seed-to-seed noise that hits every method alike cancels in the difference).
+
+For a pair, d_s = FID(diff-pruning, seed s) − FID(other, seed s) over the seeds both finished; reported:
+the mean of d, its 95 % interval mean ± t(0.975, n−1)·sd/√n (Student's t: few seeds), and how many seeds
+Diff-Pruning won (lower FID). The data show a difference only where the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+from scipy import stats
+
+REFERENCE = "diff-pruning"  # the method family compared against every other one
+
+
+def per_method(rows: list[dict]) -> dict[tuple[str, float], dict[int, float]]:
+    """FID by seed for each (method, MACs target) of finished branch rows."""
+    out: dict[tuple[str, float], dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        if r.get("fid") is not None and "error" not in r:
+            out[(r["method"], r["target_macs"])][r["seed"]] = r["fid"]
+    return dict(out)
+
+
+def methods_table(rows: list[dict]) -> list[dict]:
+    """Mean FID, its sample standard deviation and the seed count of every method."""
+    table = []
+    for (method, target), fids in sorted(per_method(rows).items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        values = np.array(list(fids.values()))
+        table.append({"method": method, "target_macs": target, "seeds": len(values), "fid": float(values.mean()),
+                      "fid_sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan")})
+    return table
+
+
+def paired(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
+    """Every method of the ``reference`` family against every other method at the same MACs target."""
+    fids, out = per_method(rows), []
+    for (ref, target), ref_fid in sorted(fids.items()):
+        if not ref.startswith(reference):
+            continue
+        for (other, other_target), other_fid in sorted(fids.items()):
+            if other_target != target or other == ref:
+                continue
+            seeds = sorted(set(ref_fid) & set(other_fid))
+            d = np.array([ref_fid[s] - other_fid[s] for s in seeds])
+            out.append({"method": ref, "versus": other, "target_macs": target, "seeds": len(seeds),
+                        **difference(d)})
+    return out
+
+
+def difference(d: np.ndarray) -> dict:
+    """Mean of paired differences, its 95 % t-interval, wins (d < 0) and the verdict."""
+    n = len(d)
+    if n < 2:
+        return {"mean": float(d.mean()) if n else float("nan"), "low": float("nan"), "high": float("nan"),
+                "wins": int((d < 0).sum()), "verdict": "too few seeds"}
+    mean, half = float(d.mean()), float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    low, high = mean - half, mean + half
+    verdict = "lower FID" if high < 0 else "higher FID" if low > 0 else "no difference shown"
+    return {"mean": mean, "low": low, "high": high, "wins": int((d < 0).sum()), "verdict": verdict}
+
+
+def sentence(p: dict) -> str:
+    """One sentence per pair: what the data show."""
+    if p["verdict"] == "too few seeds":
+        return f"{p['method']} vs {p['versus']}: fewer than 2 paired seeds, no statement possible."
+    ci = f"mean paired difference {p['mean']:+.3f}, 95 % interval [{p['low']:+.3f}, {p['high']:+.3f}]"
+    if p["verdict"] == "no difference shown":
+        return (f"{p['method']} vs {p['versus']}: the data show no difference over {p['seeds']} paired seeds "
+                f"({ci}; won {p['wins']} of {p['seeds']}).")
+    return (f"{p['method']} vs {p['versus']}: {p['method']} has {p['verdict']} over {p['seeds']} paired seeds "
+            f"({ci}; won {p['wins']} of {p['seeds']}).")
+
+
+def render(rows: list[dict], reference: str = REFERENCE) -> str:
+    """The methods table, the paired table and one sentence per pair (markdown)."""
+    lines = ["| method | MACs target | seeds | FID mean | FID sd |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['method']} | {t['target_macs']:g} | {t['seeds']} | {t['fid']:.3f} | {t['fid_sd']:.3f} |"
+              for t in methods_table(rows)]
+    pairs = paired(rows, reference)
+    if pairs:
+        lines += ["", "| method | vs | MACs target | paired seeds | mean difference | 95 % interval | won | verdict |",
+                  "|---|---|---:|---:|---:|---|---:|---|"]
+        lines += [f"| {p['method']} | {p['versus']} | {p['target_macs']:g} | {p['seeds']} | {p['mean']:+.3f} | "
+                  f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']}/{p['seeds']} | {p['verdict']} |" for p in pairs]
+        lines += [""] + [f"- {sentence(p)}" for p in pairs]
+    return "\n".join(lines) + "\n"

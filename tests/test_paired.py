@@ -1,0 +1,42 @@
+"""The paired comparison against numbers worked out by hand."""
+
+import math
+
+import pytest
+
+from diffprune.paired import methods_table, paired, render
+
+
+def _rows(method, fids, target=0.6):
+    return [{"method": method, "target_macs": target, "seed": s, "fid": f} for s, f in enumerate(fids)]
+
+
+def test_paired_difference_interval_and_wins_by_hand():
+    dp = [1.00, 1.10, 0.90, 1.05, 0.95]
+    other = [1.10, 1.15, 1.00, 1.20, 1.00]  # differences −0.10 −0.05 −0.10 −0.15 −0.05
+    rows = _rows("diff-pruning-thr0.05", dp) + _rows("taylor", other) + _rows("taylor", [9.0], target=0.35)
+    (p,) = paired(rows)
+    d = [-0.10, -0.05, -0.10, -0.15, -0.05]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t(0.975, 4)
+    assert p["versus"] == "taylor" and p["seeds"] == 5 and p["wins"] == 5
+    assert p["mean"] == pytest.approx(mean) and p["low"] == pytest.approx(mean - half)
+    assert p["high"] == pytest.approx(mean + half) and p["verdict"] == "lower FID"
+    table = {t["method"]: t for t in methods_table(rows) if t["target_macs"] == 0.6}
+    assert table["taylor"]["fid"] == pytest.approx(sum(other) / 5)
+    assert table["taylor"]["fid_sd"] == pytest.approx(math.sqrt(sum((x - 1.09) ** 2 for x in other) / 4))
+
+
+def test_noisy_differences_are_reported_as_no_difference_and_unpaired_seeds_are_left_out():
+    rows = (_rows("diff-pruning-thr0.05", [1.0, 1.2, 0.9]) + _rows("magnitude", [1.1, 1.0])  # seed 2 unfinished
+            + [{"method": "magnitude", "target_macs": 0.6, "seed": 2, "error": "killed", "fid": None}])
+    (p,) = paired(rows)
+    assert p["seeds"] == 2 and p["wins"] == 1 and p["verdict"] == "no difference shown"
+    text = render(rows)
+    assert "the data show no difference over 2 paired seeds" in text
+
+
+def test_one_seed_says_so():
+    (p,) = paired(_rows("diff-pruning-thr0.05", [1.0]) + _rows("random", [1.3]))
+    assert p["verdict"] == "too few seeds"

@@ -7,7 +7,7 @@ import torch_pruning as tp
 from torch import nn
 
 from diffprune.paper_taylor import PaperTaylorImportance
-from diffprune.pruning import plan_pruning
+from diffprune.pruning import _lowest_per_chunk, plan_pruning
 
 
 class ConvNormConv(nn.Module):
@@ -41,6 +41,9 @@ def test_score_is_the_sum_of_squared_weight_terms_plus_the_groupnorm_scale_term(
         + sum(float(a * b) ** 2 for a, b in zip(w2[:, c].detach().flatten(), g2[:, c].flatten(), strict=True))
         for c in range(4)])
     torch.testing.assert_close(scores, by_hand.float(), rtol=1e-5, atol=1e-12)
+    # which channels go at ratio 0.5: the lower-scored one of each GroupNorm group (2 groups of 2)
+    removed = _lowest_per_chunk(scores, 0.5, chunks=2)
+    assert removed == [int(torch.argmin(by_hand[:2])), 2 + int(torch.argmin(by_hand[2:]))]
     # not the diffusers path's Σ|w·∇w| (same group, same gradients)
     assert not torch.allclose(scores, tp.importance.TaylorImportance(multivariable=False)(group))
 

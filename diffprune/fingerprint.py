@@ -13,6 +13,7 @@ import ast
 import hashlib
 import inspect
 import json
+import threading
 from collections.abc import Iterable
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -175,6 +176,16 @@ def params_source(model: type[BaseModel]) -> str:
 def code_version(stage: str, modules: tuple[str, ...] | None = None) -> str:
     """Hash of what ``stage`` runs: a library stage's function and closure, or (a stage of the
     orchestration layer) the closure of ``modules``; plus its params models' source and library versions."""
+    # A sweep computes keys on many threads at once; CPython 3.11's ast.parse is not safe to run
+    # concurrently ("AST constructor recursion depth mismatch"), and the caches below fill only once anyway.
+    with _PARSING:
+        return _code_version(stage, modules)
+
+
+_PARSING = threading.RLock()
+
+
+def _code_version(stage: str, modules: tuple[str, ...] | None) -> str:
     h = hashlib.sha256(_entry(stage)[1].encode() if modules is None else b"")
     for rel in code_files(stage) if modules is None else module_closure(modules):
         file = PROJECT / rel

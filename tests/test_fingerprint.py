@@ -131,3 +131,16 @@ def test_a_folder_is_read_once_per_process_but_changes_are_still_seen(tmp_path, 
     assert dir_digest(tmp_path / "d") != first and reads
     f.unlink()
     assert dir_digest(tmp_path / "d") != first
+
+
+def test_code_versions_can_be_computed_on_many_threads_at_once():
+    """The sweep computes cache keys on a thread per task."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffprune import fingerprint
+
+    for f in (fingerprint.code_version, fingerprint.code_files, fingerprint._entry, fingerprint.module_file):
+        f.cache_clear()
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(code_version, LIBRARY_STAGES * 4))
+    assert versions == [code_version(s) for s in LIBRARY_STAGES * 4]

@@ -80,13 +80,21 @@ def sentence(p: dict) -> str:
 def render(rows: list[dict], reference: str = REFERENCE) -> str:
     """The methods table, the paired table and one sentence per pair (markdown)."""
     lines = ["| method | MACs target | seeds | FID mean | FID sd |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {t['method']} | {t['target_macs']:g} | {t['seeds']} | {t['fid']:.3f} | {t['fid_sd']:.3f} |"
+    lines += [f"| {t['method']} | {t['target_macs']:g} | {t['seeds']} | {t['fid']:.3f} | {_num(t['fid_sd'])} |"
               for t in methods_table(rows)]
     pairs = paired(rows, reference)
     if pairs:
         lines += ["", "| method | vs | MACs target | paired seeds | mean difference | 95 % interval | won | verdict |",
                   "|---|---|---:|---:|---:|---|---:|---|"]
-        lines += [f"| {p['method']} | {p['versus']} | {p['target_macs']:g} | {p['seeds']} | {p['mean']:+.3f} | "
-                  f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']}/{p['seeds']} | {p['verdict']} |" for p in pairs]
+        lines += [f"| {p['method']} | {p['versus']} | {p['target_macs']:g} | {p['seeds']} | {_num(p['mean'], '+')} | "
+                  f"{_interval(p)} | {p['wins']}/{p['seeds']} | {p['verdict']} |" for p in pairs]
         lines += [""] + [f"- {sentence(p)}" for p in pairs]
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float, sign: str = "") -> str:
+    return "–" if math.isnan(x) else f"{x:{sign}.3f}"
+
+
+def _interval(p: dict) -> str:
+    return "–" if math.isnan(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"

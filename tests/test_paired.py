@@ -40,4 +40,5 @@ def test_noisy_differences_are_reported_as_no_difference_and_unpaired_seeds_are_
 def test_one_seed_says_so():
     (p,) = paired(_rows("diff-pruning-thr0.05", [1.0]) + _rows("random", [1.3]))
     assert p["verdict"] == "too few seeds"
-    assert "| 1 | -0.300 | – | 1/1 | too few seeds |" in render(_rows("diff-pruning-thr0.05", [1.0]) + _rows("random", [1.3]))
+    text = render(_rows("diff-pruning-thr0.05", [1.0]) + _rows("random", [1.3]))
+    assert "| 1 | -0.300 | – | 1/1 | too few seeds |" in text

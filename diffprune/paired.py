@@ -38,14 +38,14 @@ def methods_table(rows: list[dict]) -> list[dict]:
 
 
 def paired(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
-    """Every method of the ``reference`` family against every other method at the same MACs target."""
+    """Every method of the ``reference`` family against every other method at the same MACs target (each pair once)."""
     fids, out = per_method(rows), []
     for (ref, target), ref_fid in sorted(fids.items()):
         if not ref.startswith(reference):
             continue
         for (other, other_target), other_fid in sorted(fids.items()):
-            if other_target != target or other == ref:
-                continue
+            if other_target != target or other == ref or (other.startswith(reference) and other < ref):
+                continue  # two variants of the reference family are compared once, not in both directions
             seeds = sorted(set(ref_fid) & set(other_fid))
             d = np.array([ref_fid[s] - other_fid[s] for s in seeds])
             out.append({"method": ref, "versus": other, "target_macs": target, "seeds": len(seeds),

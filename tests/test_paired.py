@@ -42,3 +42,11 @@ def test_one_seed_says_so():
     assert p["verdict"] == "too few seeds"
     text = render(_rows("diff-pruning-thr0.05", [1.0]) + _rows("random", [1.3]))
     assert "| 1 | -0.300 | – | 1/1 | too few seeds |" in text
+
+
+def test_two_variants_of_diff_pruning_are_compared_once():
+    rows = (_rows("diff-pruning-thr0.05", [1.0, 1.1]) + _rows("diff-pruning-thr0.05-paper", [1.2, 1.0])
+            + _rows("taylor", [1.1, 1.1]))
+    pairs = {(p["method"], p["versus"]) for p in paired(rows)}
+    assert pairs == {("diff-pruning-thr0.05", "diff-pruning-thr0.05-paper"), ("diff-pruning-thr0.05", "taylor"),
+                     ("diff-pruning-thr0.05-paper", "taylor")}

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
 
+from diffprune.progress import bar as progress_bar
 from diffprune.seeding import derive_seed
 from diffprune.tensors import images_to_tensor
 
@@ -34,7 +34,7 @@ def train_autoencoder(ae: AutoencoderKL, images: np.ndarray, steps: int, batch_s
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
     losses = []
     ae.train()
-    for step in tqdm(range(steps), desc="autoencoder", unit="step"):
+    for step in progress_bar(range(steps), desc="autoencoder", unit="step"):
         gen = torch.Generator().manual_seed(derive_seed(seed, step))
         batch = x[torch.randint(0, len(x), (batch_size,), generator=gen)]
         posterior = ae.encode(batch).latent_dist

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from diffprune.atomic import atomic_dir
 from diffprune.config import EvaluateParams, ExtractorParams
 from diffprune.data import Prepared
 from diffprune.errors import DiffpruneError
+from diffprune.progress import bar as progress_bar
 from diffprune.seeding import derive_seed
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -132,7 +132,7 @@ def _train_classifier(data: Prepared, params: ExtractorParams, classes: int) -> 
     y = torch.from_numpy(data.train_labels)
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(derive_seed(params.seed, 0))
-    for _ in tqdm(range(params.epochs), desc="fid-classifier", unit="epoch", leave=False):
+    for _ in progress_bar(range(params.epochs), desc="fid-classifier", unit="epoch", leave=False):
         net.train()
         for idx in torch.randperm(len(x), generator=gen).split(params.batch_size):
             xb = _shift(x[idx], gen)

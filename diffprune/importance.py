@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
-from tqdm.auto import tqdm
 
 from diffprune.criteria import criterion as criterion_row
 from diffprune.family import denoise
+from diffprune.progress import bar as progress_bar
 from diffprune.seeding import derive_seed
 
 
@@ -72,7 +72,7 @@ def accumulate_gradients(
     stop = thr if criterion_row(criterion).uses_threshold else 0.0
     visited, losses, loss_max = [], [], 0.0
     start = time.perf_counter()
-    bar = tqdm(total=T, desc=f"score {criterion}", disable=not progress, unit="t", leave=False)
+    bar = progress_bar(total=T, desc=f"score {criterion}", disable=not progress, unit="t", leave=False)
     for t0 in range(0, T, max(1, timestep_batch)):
         ts = torch.arange(t0, min(T, t0 + max(1, timestep_batch)), device=device)
         scale = batches[0][0].numel() if variant == "paper" else 1  # summed, not averaged, over C, H, W

@@ -71,10 +71,11 @@ def render(h: dict, title: str = "diffprune run", links: dict[str, str] | None =
     target = f"ratio {_num(h['pruning_ratio'], 3)}" if h.get("target_macs") is None else (
         f"MACs target {_num(h['target_macs'], 2)} (ratio {_num(h['pruning_ratio'], 3)})")
     visited = _num(h["timesteps_visited"]) if h.get("timesteps_visited") else "–"
+    method = h.get("method") or method_label(h["criterion"], h.get("thr"))
     lines = [
         f"# {title}",
         "",
-        f"Teacher `{h['teacher']}`, pruned with **{method_label(h['criterion'], h.get('thr'))}** at {target}, "
+        f"Teacher `{h['teacher']}`, pruned with **{method}** at {target}, "
         f"fine-tuned {_num(h['finetune_steps'])} steps.",
         "",
         "| | params | MACs | FID | SSIM to teacher | latency speed-up |",

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffprune import inference
 from diffprune.config import FastPathParams
 from diffprune.errors import DiffpruneError
 from diffprune.family import Diffusion
+from diffprune.progress import bar as progress_bar
 from diffprune.seeding import derive_seed
 
 
@@ -68,7 +68,7 @@ def generate(
     out = []
     n_batches = math.ceil(n / batch_size)
     n_steps = min(steps, model.scheduler.config.num_train_timesteps)
-    bar = tqdm(total=n_batches * n_steps, desc=desc, disable=not progress, unit="step", leave=False)
+    bar = progress_bar(total=n_batches * n_steps, desc=desc, disable=not progress, unit="step", leave=False)
     with inference.running(path):
         for start in range(0, n, batch_size):
             out.append(_generate_batch(model, unet, path, start, min(n, start + batch_size), seed, conditions,

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from diffprune.atomic import atomic_file
 from diffprune.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -34,6 +33,7 @@ from diffprune.config import TrainParams, resumable_fields
 from diffprune.errors import DiffpruneError
 from diffprune.family import Diffusion, denoise
 from diffprune.models import model_hash
+from diffprune.progress import bar as progress_bar
 from diffprune.seeding import derive_seed
 from diffprune.tensors import images_to_tensor
 
@@ -130,7 +130,7 @@ def train(
     T = scheduler.config.num_train_timesteps
     perms: dict[int, torch.Tensor] = {}
 
-    bar = tqdm(total=params.steps, initial=start, desc="train", disable=not accel.is_main_process, unit="step")
+    bar = progress_bar(total=params.steps, initial=start, desc="train", disable=not accel.is_main_process, unit="step")
     t0 = time.perf_counter()
     for step in range(start, params.steps):
         gen = torch.Generator().manual_seed(derive_seed(params.seed, step, rank))

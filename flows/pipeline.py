@@ -55,7 +55,7 @@ def _register(steps: Steps, params, inputs: dict[str, dict], summary: dict) -> d
             "mlflow.parentRunId": steps.tracker.run_id, "diffprune.stage": "register"}).info.run_id
     # No retries: a retry after a half-done registration would add a second version.
     state = register(params=stage_params(params, "register"), inputs=inputs, summary=summary, run=steps.run,
-                     extra={"tracking_uri": steps.tracker.uri}, mlflow_run_id=nested, return_state=True)
+                     extra={"tracking_uri": steps.tracker.uri}, mlflow_run_id=steps.tracker.run_id, return_state=True)
     ref = state.result()
     cached = state.name == "Cached"
     outcome = manifest_of(steps.run["store"], ref)["summary"]
@@ -67,6 +67,7 @@ def _register(steps: Steps, params, inputs: dict[str, dict], summary: dict) -> d
         client.set_tag(nested, "diffprune.registered_version", f"{outcome['name']}/{outcome['version']}")
         client.log_dict(nested, outcome, "register.json")
         client.set_terminated(nested)
+        steps.tracker.link_model(outcome, nested)
     return outcome
 
 

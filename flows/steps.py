@@ -40,7 +40,8 @@ def wiring(stage: str, refs: dict) -> dict:
 
 
 def prefect_tags() -> dict[str, str]:
-    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or ""),
+            "mlflow.source.type": "JOB", "mlflow.source.name": f"prefect flow {flow_run.flow_name or 'diffprune'}"}
     if deployment.name:
         tags["prefect.deployment"] = str(deployment.name)
     return tags

@@ -44,7 +44,8 @@ def register_workspace(params: Params) -> dict:
 
     summaries = {s.name: _summary(s.name) for s in LIBRARY}
     hashes = dvc_hashes()
-    tracker = Tracker(params.tracking, "dvc-repro", {**code_tags(), "diffprune.front_end": "dvc"})
+    source = {"diffprune.front_end": "dvc", "mlflow.source.type": "JOB", "mlflow.source.name": "dvc repro"}
+    tracker = Tracker(params.tracking, "dvc-repro", {**code_tags(), **source})
     ok = False
     try:
         for s in LIBRARY:
@@ -56,7 +57,9 @@ def register_workspace(params: Params) -> dict:
             nested = tracker.client.create_run(tracker.experiment_id, run_name="register", tags={
                 "mlflow.parentRunId": tracker.run_id, "diffprune.stage": "register"}).info.run_id
             model_dir = STAGES[REGISTER.input_stage("model")].out
-            outcome = register(model_dir, summary, params.registration, nested)
+            grid = Path(STAGES["evaluate"].out) / STAGES["evaluate"].images[0]
+            outcome = register(model_dir, summary, params.registration, tracker.run_id, grid)
+            tracker.link_model(outcome, nested)
             tracker.client.log_dict(nested, outcome, "register.json")
             tracker.client.set_terminated(nested)
         report = render(summary, title="diffprune dvc repro", links={

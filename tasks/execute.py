@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 
-from diffprune import cli
+from diffprune import cli, progress
 from diffprune.errors import DiffpruneError
 
 
@@ -75,7 +75,8 @@ def _run(argv: list[str], executor: str, timeout_s: float | None, processes: int
 
 def _run_child(cmd: list[str], timeout_s: float | None, stage: str) -> None:
     # stderr carries the progress bars: pass it through live and keep its tail for the error message.
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, **progress.child_env()})
     tail: collections.deque[str] = collections.deque(maxlen=20)
     pump = threading.Thread(target=_pump, args=(proc.stderr, tail), daemon=True)
     pump.start()

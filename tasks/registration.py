@@ -28,7 +28,8 @@ def register(params: dict, inputs: dict[str, dict], summary: dict, run: dict, ex
 
     def build(scratch: Path) -> dict:
         model_dir = store.folder(run["store"], inputs["model"]) / "output"
-        result = register_model(model_dir, summary, RegisterParams(**params), mlflow_run_id)
+        grid = store.folder(run["store"], inputs["evaluation"]) / "output" / STAGES["evaluate"].images[0]
+        result = register_model(model_dir, summary, RegisterParams(**params), mlflow_run_id, grid)
         write_json(scratch / "metrics" / STAGES["register"].metrics_file, result)
         return result
 

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from diffprune.atomic import file_lock
 from diffprune.config import TrackingParams
 from diffprune.stage_table import STAGES, Curve
+from diffprune.tasks import lineage
 
 
 def resolve_uri(params: TrackingParams) -> str:
@@ -84,8 +85,13 @@ class Tracker:
             self.client = MlflowClient(self.uri)
             exp = self.client.get_experiment_by_name(params.experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-                params.experiment, artifact_location=Path(params.artifact_root).resolve().as_uri())
+                params.experiment, artifact_location=Path(params.artifact_root).resolve().as_uri(),
+                tags=lineage.EXPERIMENT_KIND)
+        if exp is not None and not lineage.EXPERIMENT_KIND.items() <= exp.tags.items():
+            for k, v in lineage.EXPERIMENT_KIND.items():  # an experiment made before this tag existed
+                self.client.set_experiment_tag(self.experiment_id, k, v)
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.dataset = None  # the prepared dataset, once the stage that prepared it is logged
 
     def log_stage(self, stage: str, params: dict, summary: dict, metrics_dir: Path, output_dir: Path | None,
                   tags: dict[str, str], cached_key: str | None = None) -> str:
@@ -100,6 +106,7 @@ class Tracker:
             "mlflow.parentRunId": self.run_id, "diffprune.stage": stage, **tags}).info.run_id
         flat = _flatten(params)
         self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+        self._log_dataset(stage, run_id, output_dir)
         self.log_metrics({k: v for k, v in _flatten(summary).items() if k != "widths"}, run_id)
         if cached_key is not None:
             self.client.set_terminated(run_id)
@@ -124,6 +131,20 @@ class Tracker:
                 self.client.log_artifact(run_id, str(Path(output_dir) / image), "samples")
         self.client.set_terminated(run_id)
         return run_id
+
+    def _log_dataset(self, stage: str, run_id: str, output_dir: Path | None) -> None:
+        """The stage that prepared the data makes it the parent run's training input; stages that read it
+        (an input named ``data``) list it as their input, tagged with the stage's name."""
+        prepared = lineage.dataset(output_dir) if output_dir is not None and not STAGES[stage].inputs else None
+        if prepared is not None:
+            self.dataset = prepared
+            lineage.log_dataset(self.client, self.run_id, prepared, "training")
+        elif self.dataset is not None and "data" in dict(STAGES[stage].inputs):
+            lineage.log_dataset(self.client, run_id, self.dataset, stage)
+
+    def link_model(self, outcome: dict, *run_ids: str) -> None:
+        """The registered model in the Models column of this parent run (and of ``run_ids``)."""
+        lineage.link_model(self.client, [self.run_id, *run_ids], outcome.get("model_id"))
 
     def _computed_in(self, key: str) -> dict[str, str]:
         """Tags naming the earlier nested run that computed the entry ``key`` (none if it is not tracked here)."""

@@ -73,6 +73,41 @@ def test_pipeline_runs_end_to_end_then_every_stage_is_a_cache_hit(project):
     assert {"plots/importance.png", "plots/loss_over_t.png"} <= {
         a.path for a in client.list_artifacts(score.info.run_id, "plots")}
     assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    _assert_lineage(client, first, second, computed)
+
+
+def _assert_lineage(client: MlflowClient, first: dict, second: dict, computed: dict) -> None:
+    """What MLflow's runs table and model pages show: Dataset and Models columns, source run, description."""
+    experiment = client.get_experiment(client.get_run(first["mlflow_run_id"]).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    manifest = Path(_store(first)) / "prepare" / first["keys"]["prepare"] / "output" / "manifest.json"
+    for run_id in (first["mlflow_run_id"], second["mlflow_run_id"]):
+        run = client.get_run(run_id)
+        (data,) = run.inputs.dataset_inputs
+        assert data.dataset.name == "digits-8px" and data.dataset.digest == _sha(manifest)[:16]
+        assert {t.key: t.value for t in data.tags}["mlflow.data.context"] == "training"
+        assert json.loads(data.dataset.profile)["n_train"] > 0 and "mlflow_tensorspec" in data.dataset.schema
+        assert first["registered"]["model_id"] in {o.model_id for o in run.outputs.model_outputs}, run_id
+        assert run.data.tags["mlflow.source.name"].startswith("prefect flow")
+    used = {t.value for t in computed["finetune"].inputs.dataset_inputs[0].tags}
+    assert used == {"finetune"} and not computed["prune"].inputs.dataset_inputs  # prune reads no data
+    model = client.get_logged_model(first["registered"]["model_id"])
+    assert model.source_run_id == first["mlflow_run_id"] and {m.key for m in model.metrics} >= {"fid", "macs_ratio"}
+    version = client.get_model_version("diffprune-digits", "1")
+    assert version.run_id == first["mlflow_run_id"] and version.source == f"models:/{model.model_id}"
+    assert "| pruned |" in version.description and "samples/grid_pairs.png" in version.description
+    artifacts = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "samples")}
+    assert artifacts == {"samples/grid_pairs.png"}
+
+
+def _store(result: dict) -> str:
+    return str(Path(result["report"]).parents[1] / "store")
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_changing_one_stage_reruns_it_and_downstream_only(project):

@@ -27,9 +27,9 @@ venv: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/diffprune run
 
-# The same stages through DVC (one `diffprune <stage>` per dvc.yaml stage).
+# The same stages through DVC (one `bin/diffprune <stage>` per dvc.yaml stage; it finds .venv by itself).
 repro: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc repro
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check diffprune tasks flows tests benchmarks

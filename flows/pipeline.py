@@ -74,8 +74,10 @@ def _register(steps: Steps, params, inputs: dict[str, dict], summary: dict) -> d
 def _links(steps: Steps, registered: dict | None) -> dict[str, str]:
     links = {}
     if steps.tracker:
-        links["MLflow run"] = (f"experiment {steps.tracker.experiment_id}, run {steps.tracker.run_id} "
-                               f"(`mlflow ui --backend-store-uri {steps.tracker.uri}`)")
+        from diffprune.tasks.tracking import ui_url  # MLflow is imported only when tracking is on
+
+        t = steps.tracker
+        links["MLflow run"] = f"{ui_url(t.uri, t.experiment_id, t.run_id)} (`mlflow ui --backend-store-uri {t.uri}`)"
     if registered:
         gate = "passed" if registered["gate"]["passed"] else "refused: " + "; ".join(
             r for r in registered["gate"]["reasons"] if "fail" in r.lower()) or "refused"

@@ -1,4 +1,4 @@
-"""``dvc.yaml``, generated from the stage table: one ``diffprune <stage>`` per stage, its code as deps
+"""``dvc.yaml``, generated from the stage table: one ``bin/diffprune <stage>`` per stage, its code as deps
 (the same files its Prefect cache key hashes), its params group, its outputs, metrics and plots.
 
 ``python -m diffprune.tasks.dvc_pipeline`` writes it; ``--check`` fails when the file differs (a test
@@ -18,6 +18,7 @@ HEADER = """\
 # Generated from diffprune/stage_table.py by `python -m diffprune.tasks.dvc_pipeline`: edit the table, not
 # this file (a test checks that they agree). One stage per `diffprune` subcommand; each depends on its own
 # code (the files its Prefect cache key hashes), its own params group and the upstream outputs.
+# Commands go through bin/diffprune, which finds the project's .venv when the shell has not activated it.
 # `dvc repro` reproduces the default run; `dvc exp run -S prune.pruning_ratio=0.5` tries another target;
 # `dvc exp show`, `dvc metrics diff`, `dvc plots diff` compare.
 """
@@ -42,7 +43,7 @@ def _stage(stage: Stage) -> dict:
     outs += [{c.path(stage.out, METRICS).as_posix(): {"cache": False}}
              for c in stage.curves if c.dvc and c.folder == "metrics"]
     outs += [{f"{METRICS}/{name}": {"cache": False}} for name in stage.extra_metrics]
-    entry = {"cmd": f"diffprune {stage.name}", "deps": deps, "params": [stage.params_key, *stage.extra_params]}
+    entry = {"cmd": f"bin/diffprune {stage.name}", "deps": deps, "params": [stage.params_key, *stage.extra_params]}
     if outs:
         entry["outs"] = outs
     entry["metrics"] = [{f"{METRICS}/{stage.metrics_file}": {"cache": False}}]

@@ -16,7 +16,7 @@ from diffprune.config import Params
 from diffprune.errors import DiffpruneError
 from diffprune.report import headline, render
 from diffprune.stage_table import LIBRARY, METRICS, STAGES
-from diffprune.tasks.tracking import Tracker, code_tags
+from diffprune.tasks.tracking import Tracker, code_tags, ui_url
 
 REGISTER = STAGES["register"]
 
@@ -63,7 +63,7 @@ def register_workspace(params: Params) -> dict:
             tracker.client.log_dict(nested, outcome, "register.json")
             tracker.client.set_terminated(nested)
         report = render(summary, title="diffprune dvc repro", links={
-            "MLflow run": f"experiment {tracker.experiment_id}, run {tracker.run_id}",
+            "MLflow run": ui_url(tracker.uri, tracker.experiment_id, tracker.run_id),
             **({"Registry": f"`{outcome['model_uri']}` aliases {', '.join(outcome['aliases'])}"} if outcome else {})})
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         tracker.log_text(report, "report.md")

@@ -36,6 +36,16 @@ def resolve_uri(params: TrackingParams) -> str:
     return uri
 
 
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The run's page in the MLflow UI: the server itself for an http(s) URI, else where ``mlflow ui`` listens.
+
+    ``workflowType=machine_learning`` opens the model-training view; MLflow 3.17's UI otherwise starts an
+    experiment on its GenAI overview, whatever the experiment's kind.
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs{f'/{run_id}' if run_id else ''}?workflowType=machine_learning"
+
+
 def code_tags(root: str | Path = ".") -> dict[str, str]:
     """The git commit (with a dirty flag) and the ``dvc.lock`` digest the run was made from."""
     tags = {}

@@ -74,10 +74,15 @@ def test_corrupt_checkpoint_via_cli_keeps_previous_model(project, capsys):
 @pytest.mark.slow
 def test_stage_chain_end_to_end(project):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFPRUNE_PROGRESS", None)
+    log = ""
     for stage in ("prepare", "teacher", "score", "prune", "finetune", "evaluate"):
         proc = subprocess.run([sys.executable, "-m", "diffprune", stage], cwd=project, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        log += proc.stderr
+    # stderr is a pipe, as in CI or `make run > log`: plain progress lines, no carriage-return frames.
+    assert "\r" not in log and "train: 100% 4/4" in log and len(log) < 20_000, len(log)
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     for key in ("params", "macs", "fid", "latency_s"):
         assert key in metrics["teacher"]

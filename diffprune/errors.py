@@ -8,3 +8,13 @@ class DiffpruneError(Exception):
     """
 
     exit_code = 2
+
+
+class OutputWriteError(DiffpruneError):
+    """The environment refused a write (disk full, quota, file-size limit, permissions, read-only file system).
+
+    Not the user's input and not a bug: the message names the path and the OS error; nothing half-written
+    is left behind (the atomic writers remove their scratch copy), so a re-run after the fix starts clean.
+    """
+
+    exit_code = 3

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffprune import cli
 from diffprune.config import load_params
+from diffprune.flows import preflight
 
 # What a first run on a fresh machine needs: the temporary Prefect server's database set-up takes
 # ~20 s here (minutes on a busy machine), past Prefect's default 20 s start-up limit; no telemetry leaves.
@@ -23,6 +24,12 @@ ENVIRONMENT = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
+    # A tracking server or Prefect API that goes away mid-run: a few retries over seconds, not minutes
+    # (MLflow's defaults retry 7 times with a doubling backoff; a dead server cost 272 s before failing).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "PREFECT_CLIENT_MAX_RETRIES": "3",
 }
 COMMANDS = {
     "run": "run the pipeline flow (the main job) on params.yaml",
@@ -59,6 +66,9 @@ def orchestrate(args: argparse.Namespace) -> dict:
         overrides.append(f"orchestration.task_runner={args.task_runner}")
     params = load_params(args.params, overrides)  # validate before any heavy import
     prepare_environment(params.orchestration.store)
+    preflight.tracking(params)  # run, sweep and register log to it; serve hands it to the runs it starts
+    if args.orchestrate != "register":
+        preflight.prefect_api()
     if args.orchestrate == "run":
         from diffprune.flows.pipeline import pipeline
 

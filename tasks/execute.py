@@ -16,11 +16,17 @@ import sys
 import threading
 
 from diffprune import cli, progress
-from diffprune.errors import DiffpruneError
+from diffprune.errors import DiffpruneError, OutputWriteError
 
 
 class StageInputError(DiffpruneError):
     """The stage refused its input (exit status 2): retrying cannot help."""
+
+
+class StageRefusedWrite(StageInputError):
+    """The machine refused the stage's output (disk full, file-size limit, permissions; exit status 3)."""
+
+    exit_code = 3
 
 
 class StageTimeout(DiffpruneError):
@@ -67,6 +73,8 @@ def _run(argv: list[str], executor: str, timeout_s: float | None, processes: int
     if executor == "inline":
         try:
             cli.run(argv)
+        except OutputWriteError as exc:
+            raise StageRefusedWrite(f"diffprune {argv[0]}: {exc}") from None
         except DiffpruneError as exc:
             raise StageInputError(f"diffprune {argv[0]}: {exc}") from None
         return
@@ -96,6 +104,8 @@ def _run_child(cmd: list[str], timeout_s: float | None, stage: str) -> None:
     last = next((line for line in reversed(tail) if line.strip()), "(no output)")
     if rc == 2:
         raise StageInputError(last.strip())
+    if rc == OutputWriteError.exit_code:
+        raise StageRefusedWrite(last.strip())
     raise StageCrashed(f"diffprune {stage}: exit status {rc}: {last.strip()}")
 
 

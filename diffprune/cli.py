@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,11 +86,18 @@ def run(argv: list[str]) -> dict:
     return run_stage(build_parser().parse_args(argv))
 
 
+def debugging() -> bool:
+    """``DIFFPRUNE_DEBUG=1`` (or ``--debug``): show tracebacks behind the one-line errors."""
+    return os.environ.get("DIFFPRUNE_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
 def guarded(command: str, action: Callable[[], dict]) -> int:
     """Run a command the way users see it: its summary as JSON, or one line and a non-zero status."""
     try:
         summary = action()
     except DiffpruneError as exc:
+        if debugging():
+            traceback.print_exc()
         print(f"diffprune {command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -8,11 +8,13 @@ after the environment below is set (Prefect reads it at import time).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
 from diffprune import cli
 from diffprune.config import load_params
+from diffprune.errors import DiffpruneError
 from diffprune.flows import preflight
 
 # What a first run on a fresh machine needs: the temporary Prefect server's database set-up takes
@@ -46,12 +48,32 @@ def prepare_environment(store: str) -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(store, "_prefect_results").resolve()))
 
 
+class _OneLineFailures(logging.Filter):
+    """Prefect logs a failed task's or flow's exception with its traceback. For the failures diffprune explains
+    in one line (bad input, a refused write, an unreachable service) that is noise above the line that says
+    what to do; ``DIFFPRUNE_DEBUG=1`` keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DiffpruneError) and not cli.debugging():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_tracebacks() -> None:
+    """On every handler of Prefect's loggers (its flow- and task-run loggers have their own)."""
+    names = [n for n in logging.root.manager.loggerDict if n == "prefect" or n.startswith("prefect.")]
+    for handler in {h for name in names for h in logging.getLogger(name).handlers} | set(logging.root.handlers):
+        if not any(isinstance(f, _OneLineFailures) for f in handler.filters):
+            handler.addFilter(_OneLineFailures())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, text in COMMANDS.items():
         p = subs.add_parser(name, help=text)
         cli.add_common(p, None)
+        p.add_argument("--debug", action="store_true", help="show tracebacks behind one-line errors")
         p.set_defaults(orchestrate=name)
     subs.choices["sweep"].add_argument("--task-runner", choices=("local", "dask"), default=None,
                                        help="override orchestration.task_runner")
@@ -64,6 +86,8 @@ def orchestrate(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
     if getattr(args, "task_runner", None):
         overrides.append(f"orchestration.task_runner={args.task_runner}")
+    if args.debug:
+        os.environ["DIFFPRUNE_DEBUG"] = "1"
     params = load_params(args.params, overrides)  # validate before any heavy import
     prepare_environment(params.orchestration.store)
     preflight.tracking(params)  # run, sweep and register log to it; serve hands it to the runs it starts
@@ -72,11 +96,13 @@ def orchestrate(args: argparse.Namespace) -> dict:
     if args.orchestrate == "run":
         from diffprune.flows.pipeline import pipeline
 
+        quiet_expected_tracebacks()
         print_headline(pipeline(params_file=args.params, overrides=overrides))
         return {}
     if args.orchestrate == "sweep":
         from diffprune.flows.sweep import sweep
 
+        quiet_expected_tracebacks()
         result = sweep(params_file=args.params, overrides=overrides)
         print(result["table"])
         print(f"comparison written to {result['table_file']}")

@@ -28,7 +28,7 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
         summary = summary_of(steps.run["store"], refs)
         registered = None
         if params.registration.enabled and steps.tracker:
-            registered = _register(steps, params, wiring("register", refs), summary)
+            registered = steps.track("register", lambda _: _register(steps, params, wiring("register", refs), summary))
         links = _links(steps, registered)
         report = render(summary, title=f"diffprune run {run_name}", links=links)
         out = Path(params.orchestration.store).parent / "reports"
@@ -43,6 +43,8 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
         raise
     hits = sum(steps.hits.values())
     get_run_logger().info("%d of %d stages were cache hits", hits, len(steps.hits))
+    if (lost := steps.lost_error()) is not None:
+        raise lost
     return {"summary": summary, "registered": registered, "report": str(report_file), "cache_hits": dict(steps.hits),
             "keys": dict(steps.keys), "mlflow_run_id": steps.tracker.run_id if steps.tracker else None,
             "tracking_uri": steps.tracker.uri if steps.tracker else None}

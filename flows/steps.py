@@ -11,6 +11,7 @@ from prefect.runtime import deployment, flow_run
 
 from diffprune.atomic import atomic_file
 from diffprune.config import Params, load_params
+from diffprune.errors import DiffpruneError
 from diffprune.report import HEADLINE_STAGES, headline
 from diffprune.stage_table import LIBRARY, STAGES, downstream
 from diffprune.tasks import store
@@ -47,6 +48,12 @@ def prefect_tags() -> dict[str, str]:
     return tags
 
 
+class TrackingLost(DiffpruneError):
+    """MLflow went away mid-run: the stages finished and are cached, but the run is not (fully) recorded."""
+
+    exit_code = 4
+
+
 class Steps:
     """Runs stage tasks with the configured retries, logs hits and misses, mirrors each stage to MLflow."""
 
@@ -56,6 +63,7 @@ class Steps:
         self.hits: dict[str, bool] = {}
         self.keys: dict[str, str] = {}
         self.tracker = None
+        self.lost: str | None = None  # why tracking stopped mid-run, if it did
         if params.tracking.enabled:
             from diffprune.tasks.tracking import Tracker, code_tags  # MLflow only when tracking is on
 
@@ -91,25 +99,48 @@ class Steps:
         self.hits[label], self.keys[label] = cached, ref["key"]
         folder = store.folder(self.run["store"], ref)
         get_run_logger().info("%s: %s (key %s, %s)", label, "cache hit" if cached else "computed", ref["key"], folder)
-        if self.tracker:
-            self.tracker.log_stage(stage, manifest["params"], manifest["summary"], folder / "metrics",
-                                   folder / "output", {"diffprune.cache_key": ref["key"],
-                                                       "diffprune.cache": "hit" if cached else "miss",
-                                                       "diffprune.code_version": manifest.get("code", ""),
-                                                       "diffprune.label": label, **prefect_tags()},
-                                   cached_key=ref["key"] if cached else None)
+        tags = {"diffprune.cache_key": ref["key"], "diffprune.cache": "hit" if cached else "miss",
+                "diffprune.code_version": manifest.get("code", ""), "diffprune.label": label, **prefect_tags()}
+        self.track(label, lambda t: t.log_stage(stage, manifest["params"], manifest["summary"], folder / "metrics",
+                                                folder / "output", tags, cached_key=ref["key"] if cached else None))
         return manifest
 
+    def track(self, what: str, call):
+        """``call(tracker)`` unless tracking is off or lost. A tracking server that dies mid-run must not cost
+        the run its stages: the first failure is logged once, tracking stops, and the stages go on (their
+        outputs are cached either way); :meth:`lost_error` then tells how to record the run."""
+        if self.tracker is None:
+            return None
+        try:
+            return call(self.tracker)
+        except DiffpruneError:
+            raise
+        except Exception as exc:  # MLflow and its HTTP client raise many types for one cause: unreachable
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.lost = f"{what}: {type(exc).__name__}: {first}"
+            get_run_logger().warning("MLflow tracking failed at %s; the remaining stages run untracked", self.lost)
+            self.tracker = None
+            return None
+
+    def lost_error(self) -> TrackingLost | None:
+        if self.lost is None:
+            return None
+        return TrackingLost(f"MLflow tracking failed during the run ({self.lost}); every stage finished and its "
+                            f"outputs are in the store ({self.params.orchestration.store}): run the same command "
+                            "again once the tracking server is back: every stage will be a cache hit, and the run "
+                            "will be recorded and the model registered")
+
     def finish(self, ok: bool, metrics: dict | None = None, report: str | None = None) -> None:
-        if not self.tracker:
-            return
-        self.tracker.set_tags({f"diffprune.key.{label}": key for label, key in self.keys.items()})
-        self.tracker.set_tags({"diffprune.cache_hits": f"{sum(self.hits.values())}/{len(self.hits)}"})
-        if metrics:
-            self.tracker.log_metrics(metrics)
-        if report:
-            self.tracker.log_text(report, "report.md")
-        self.tracker.finish(ok)
+        def close(tracker) -> None:
+            tracker.set_tags({f"diffprune.key.{label}": key for label, key in self.keys.items()})
+            tracker.set_tags({"diffprune.cache_hits": f"{sum(self.hits.values())}/{len(self.hits)}"})
+            if metrics:
+                tracker.log_metrics(metrics)
+            if report:
+                tracker.log_text(report, "report.md")
+            tracker.finish(ok)
+
+        self.track("finishing the run", close)
 
 
 def summary_of(root: str, refs: dict[str, dict]) -> dict:

@@ -148,3 +148,27 @@ def test_without_a_params_file_the_command_names_it(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"diffprune {command}: error: params.yaml: no such params file") and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_size_limit_in_the_stage_process_is_one_line_and_loses_nothing(project):
+    """`ulimit -f` (RLIMIT_FSIZE binds root too) while the teacher saves: exit 3, one line, the old model kept."""
+    import resource
+
+    from diffprune.fingerprint import dir_digest
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for stage in ("prepare", "teacher"):
+        subprocess.run([sys.executable, "-m", "diffprune", stage], cwd=project, env=env, check=True,
+                       capture_output=True, timeout=600)
+    before = dir_digest(project / "models/teacher")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run([sys.executable, "-m", "diffprune", "teacher", "--set", "train.steps=9"], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    err = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert err.startswith("diffprune teacher: error: cannot write ") and "File too large (EFBIG)" in err
+    assert dir_digest(project / "models/teacher") == before
+    assert not [p for p in (project / "models").iterdir() if ".tmp-" in p.name]

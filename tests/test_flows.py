@@ -191,3 +191,30 @@ def test_sweep_branches_pair_by_seed_and_vary_the_score_only_where_it_has_a_grad
     for b in found:  # one seed: the same scoring batch and noise, pruning and fine-tuning seed for every method
         changes = branch_changes(b)
         assert changes["score"]["seed"] == changes["prune"]["seed"] == changes["finetune"]["seed"] == b["seed"]
+
+
+def test_a_tracking_outage_after_finetune_keeps_the_stages_and_the_next_run_records_them(project, monkeypatch):
+    from diffprune.flows.steps import TrackingLost
+    from diffprune.tasks.tracking import Tracker
+
+    params_file = _write(project)
+    log_stage = Tracker.log_stage
+
+    def dies_after_finetune(self, stage, *args, **kwargs):
+        if stage in ("evaluate", "register"):
+            raise ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded")
+        return log_stage(self, stage, *args, **kwargs)
+
+    monkeypatch.setattr(Tracker, "log_stage", dies_after_finetune)
+    with pytest.raises(TrackingLost) as lost:
+        _run(params_file)
+    message = str(lost.value)
+    assert "MLflow tracking failed during the run (evaluate: ConnectionError" in message
+    assert "every stage will be a cache hit" in message and lost.value.exit_code == 4
+    store = project / "artifacts" / "store"
+    assert all(list((store / stage).glob("*/manifest.json")) for stage in STAGES if stage != "register")
+
+    monkeypatch.setattr(Tracker, "log_stage", log_stage)  # the server is back
+    again = _run(params_file)
+    assert again["cache_hits"] == {**dict.fromkeys(STAGES, True), "register": False}
+    assert again["registered"]["version"] == "1"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from diffprune.atomic import file_lock, write_json
+from diffprune.atomic import file_lock, refused_writes, write_json
 from diffprune.fingerprint import dir_digest
 
 MANIFEST = "manifest.json"
@@ -67,7 +67,7 @@ def publish(root: str | Path, stage: str, key: str, build: Callable[[Path], dict
     only after its digest and manifest are written. Returns ``(manifest, built)``.
     """
     folder = entry(root, stage, key)
-    with locked(root, stage, key):
+    with refused_writes(folder), locked(root, stage, key):  # a full disk here: one line, not a traceback
         found = lookup(root, stage, key)
         if found is not None:
             return found, False

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from diffprune.tasks.execute import StageCrashed, StageInputError, StageTimeout, _run_child, run_cli
+from diffprune.tasks.execute import StageCrashed, StageInputError, StageRefusedWrite, StageTimeout, _run_child, run_cli
 
 
 def test_a_stage_past_its_time_limit_is_killed():
@@ -24,8 +24,19 @@ def test_exit_status_2_is_bad_input_with_the_stage_message(tmp_path):
 
 
 def test_other_failures_are_crashes_carrying_the_last_line():
-    with pytest.raises(StageCrashed, match="exit status 3: boom"):
-        _run_child([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], 30, "score")
+    with pytest.raises(StageCrashed, match="exit status 5: boom"):
+        _run_child([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(5)"], 30, "score")
+
+
+def test_a_refused_write_is_its_own_failure_and_not_retried():
+    from prefect.states import Failed
+
+    from diffprune.tasks.stages import _transient
+
+    line = "diffprune prune: error: cannot write models/p: File too large (EFBIG)"
+    with pytest.raises(StageRefusedWrite, match="EFBIG") as info:
+        _run_child([sys.executable, "-c", f"import sys; print({line!r}, file=sys.stderr); sys.exit(3)"], 30, "prune")
+    assert info.value.exit_code == 3 and not _transient(None, None, Failed(data=info.value))
 
 
 def test_only_crashes_are_retried():

@@ -218,3 +218,28 @@ def test_a_tracking_outage_after_finetune_keeps_the_stages_and_the_next_run_reco
     again = _run(params_file)
     assert again["cache_hits"] == {**dict.fromkeys(STAGES, True), "register": False}
     assert again["registered"]["version"] == "1"
+
+
+def test_a_full_disk_in_a_stage_of_the_flow_is_one_line_exit_3(project, monkeypatch, capfd):
+    import errno
+
+    import diffprune.stages
+    from diffprune.atomic import atomic_dir
+    from diffprune.flows.cli import main
+
+    params_file = _write(project)
+
+    def disk_full(params, out, **kwargs):
+        with atomic_dir(out) as tmp:
+            (tmp / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "diffusion_pytorch_model.safetensors"))
+
+    monkeypatch.setattr(diffprune.stages, "prune", disk_full)
+    assert main(["run", "--params", params_file]) == 3
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("diffprune run: error: diffprune prune: cannot write ")
+    assert "No space left on device (ENOSPC); free disk space" in err
+    store = project / "artifacts" / "store"
+    assert list((store / "score").glob("*/manifest.json")) and not list((store / "prune").glob("*/manifest.json"))
+    assert not [p for p in (store / "prune").iterdir() if ".tmp-" in p.name]

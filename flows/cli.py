@@ -140,5 +140,5 @@ def print_headline(result: dict) -> None:
               f"gate {'passed' if r['gate']['passed'] else 'refused'}")
     print(f"report: {result['report']}")
     if result.get("tracking_uri"):
-        print(f"MLflow: mlflow ui --backend-store-uri {result['tracking_uri']}   (then http://127.0.0.1:5000)")
+        print(f"MLflow: mlflow ui --backend-store-uri {result['tracking_uri']}   (then {result.get('mlflow_url')})")
     print("Prefect: prefect server start   (then http://127.0.0.1:4200; flow runs and their report artifacts)")

@@ -47,7 +47,8 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
         raise lost
     return {"summary": summary, "registered": registered, "report": str(report_file), "cache_hits": dict(steps.hits),
             "keys": dict(steps.keys), "mlflow_run_id": steps.tracker.run_id if steps.tracker else None,
-            "tracking_uri": steps.tracker.uri if steps.tracker else None}
+            "tracking_uri": steps.tracker.uri if steps.tracker else None,
+            "mlflow_url": _experiment_url(steps)}
 
 
 def _register(steps: Steps, params, inputs: dict[str, dict], summary: dict) -> dict:
@@ -71,6 +72,14 @@ def _register(steps: Steps, params, inputs: dict[str, dict], summary: dict) -> d
         client.set_terminated(nested)
         steps.tracker.link_model(outcome, nested)
     return outcome
+
+
+def _experiment_url(steps: Steps) -> str | None:
+    if not steps.tracker:
+        return None
+    from diffprune.tasks.tracking import ui_url
+
+    return ui_url(steps.tracker.uri, steps.tracker.experiment_id)
 
 
 def _links(steps: Steps, registered: dict | None) -> dict[str, str]:

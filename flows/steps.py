@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -16,6 +18,8 @@ from diffprune.report import HEADLINE_STAGES, headline
 from diffprune.stage_table import LIBRARY, STAGES, downstream
 from diffprune.tasks import store
 from diffprune.tasks.stages import TASKS
+
+T = TypeVar("T")
 
 
 def run_settings(params: Params) -> dict:
@@ -105,7 +109,7 @@ class Steps:
                                                 folder / "output", tags, cached_key=ref["key"] if cached else None))
         return manifest
 
-    def track(self, what: str, call):
+    def track(self, what: str, call: Callable[[Any], T]) -> T | None:
         """``call(tracker)`` unless tracking is off or lost. A tracking server that dies mid-run must not cost
         the run its stages: the first failure is logged once, tracking stops, and the stages go on (their
         outputs are cached either way); :meth:`lost_error` then tells how to record the run."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.data.schema import TensorDatasetSchema
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
@@ -50,7 +51,15 @@ def dataset(prepared: Path) -> Dataset | None:
 
 def log_dataset(client: MlflowClient, run_id: str, data: Dataset, context: str) -> None:
     """``data`` as an input of ``run_id``, tagged with what the run used it for."""
-    client.log_inputs(run_id, datasets=[DatasetInput(data, tags=[InputTag(CONTEXT, context)])])
+    inputs = [DatasetInput(data, tags=[InputTag(CONTEXT, context)])]
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException as exc:
+        # Concurrent runs on one store both create the experiment's dataset row; the loser of that race
+        # finds the winner's row on a second try (the store reuses a dataset with the same name and digest).
+        if "UNIQUE constraint failed: datasets" not in str(exc):
+            raise
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def link_model(client: MlflowClient, run_ids: list[str], model_id: str | None) -> None:

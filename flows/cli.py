@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from diffprune import cli
+from diffprune import cli, progress
 from diffprune.config import load_params
 from diffprune.errors import DiffpruneError
 from diffprune.flows import preflight
@@ -45,6 +45,8 @@ def prepare_environment(store: str) -> None:
     """Defaults only: anything the user exported wins. Cache records live next to the store they describe."""
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    if not progress.interactive():  # MLflow's artifact bar would write carriage-return frames into the log
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(store, "_prefect_results").resolve()))
 
 

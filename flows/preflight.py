@@ -83,8 +83,3 @@ def _profile_api_url() -> tuple[str | None, str]:
     url = profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
     return url, f"PREFECT_API_URL of Prefect profile '{active}' in {home / 'profiles.toml'}"
 
-
-def check(params: Params) -> None:
-    """Every service this run will talk to; raises :class:`ServiceUnreachable` for the first that is down."""
-    tracking(params)
-    prefect_api()

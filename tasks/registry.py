@@ -8,7 +8,6 @@ the caller's (``mlflow.set_tracking_uri``); nothing here chooses a store.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -26,7 +25,6 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 import diffprune
-from diffprune import progress
 from diffprune.config import RegisterParams
 from diffprune.promotion import gate, version_tags
 from diffprune.report import render
@@ -81,10 +79,8 @@ def _package_copy() -> Iterator[Path]:
 
 
 def _logged_model(client: MlflowClient, run_id: str | None, summary: dict) -> str:
-    """A new LoggedModel whose source is ``run_id`` (the run that produced the model) or, with none, the
-    caller's active run; its metrics are the headline numbers, so the model page shows them."""
-    if run_id is None and (active := mlflow.active_run()) is not None:
-        run_id = active.info.run_id
+    """A new LoggedModel whose source is ``run_id`` (the run that produced the model, if any); its metrics
+    are the headline numbers, so the model page shows them."""
     experiment = client.get_run(run_id).info.experiment_id if run_id else None
     model = mlflow.initialize_logged_model(name="model", source_run_id=run_id, experiment_id=experiment,
                                            tags=version_tags(summary), model_type="diffusion")
@@ -132,8 +128,8 @@ def register(model_dir: str | Path, summary: dict, params: RegisterParams, run_i
         raise ValueError(f"{model_dir}: not a model directory (expected unet/config.json)")
     name = params.model_name
     client = MlflowClient()
-    if not progress.interactive():  # MLflow's artifact bar would write carriage-return frames into the log
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if run_id is None and (active := mlflow.active_run()) is not None:
+        run_id = active.info.run_id
 
     model_id = _logged_model(client, run_id, summary)
     with _package_copy() as code, warnings.catch_warnings():

@@ -48,4 +48,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     import numpy as np
 
     arr = np.asarray([v for v in values if v is not None], dtype=float)
-    return (float(arr.mean()), float(arr.std())) if arr.size else (float("nan"), float("nan"))
+    if not arr.size:
+        return float("nan"), float("nan")
+    # sample sd (n − 1): the spread of the population of seeds, as the paired tables report it
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0

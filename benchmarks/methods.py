@@ -4,14 +4,16 @@ branches paired by seed — plus Diff-Pruning against each other method paired b
 
     # the paired comparison of issue 13: ≥ 5 seeds at 0.6 MACs, both score variants, a 4 × 32-image row
     python benchmarks/methods.py --criteria diff-pruning taylor magnitude random --thresholds 0.05 \
-        --targets 0.6 --seeds 0 1 2 3 4 --variants diffusers paper --score-batches 1 4
+        --targets 0.6 --seeds 0 1 2 3 4 --variants diffusers paper --score-batches 1 4 \
+        --out benchmarks/results/paired          # (docs/results.md §5.1 runs it seed by seed, resumably)
 
     python benchmarks/methods.py                      # the default params.yaml; ~4 h on 2 CPU cores
     python benchmarks/methods.py --workers 12 --set tracking.enabled=false   # the committed results: one H200,
                                                                               # 6.5 min (12 stages share the GPU)
     python benchmarks/methods.py --from-store artifacts/store   # tables from finished branches only
 
-Writes benchmarks/results/methods.{json,md} and methods_pareto.png (FID vs MACs). ``--from-store`` reads
+Writes benchmarks/results/methods.{json,md}, methods_pareto.png (FID vs MACs) and, with several seeds,
+methods_seeds.png (FID per seed and method). ``--from-store`` reads
 the stage manifests of every evaluated branch in a store (e.g. of a sweep stopped at a time limit).
 """
 
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,9 +52,9 @@ def main() -> None:
     ap.add_argument("--from-store", type=Path, help="aggregate the evaluated branches of this store; run nothing")
     args = ap.parse_args()
     if args.from_store:
-        rows = rows_from_store(args.from_store)
+        rows, left_out = rows_from_store(args.from_store)
         publish(rows, load_params(args.params, args.overrides).finetune.steps,
-                {"from_store": str(args.from_store), "overrides": args.overrides}, args.out)
+                {"from_store": str(args.from_store), "overrides": args.overrides, "left_out": left_out}, args.out)
         return
 
     overrides = [f"sweep.criteria=[{','.join(args.criteria)}]",
@@ -70,16 +74,19 @@ def main() -> None:
 
 def publish(rows: list[dict], steps: int, how: dict, out: Path) -> None:
     table = aggregate([r for r in rows if "error" not in r], steps)
-    markdown = render(table, rows)
+    markdown = render(table, rows, how.get("left_out", []))
     print(markdown)
     save("methods", {"rows": rows, "table": table, **how}, markdown, out)
     pareto(table, out / "methods_pareto.png")
+    seeds_plot([r for r in rows if "error" not in r and r.get("method")], out / "methods_seeds.png")
 
 
-def rows_from_store(root: Path) -> list[dict]:
-    """One row per evaluated branch, from the stage manifests alone (no weights needed). Walks forward
-    from each score entry by output digest: two branches whose pruned models came out identical share
-    one fine-tuning entry, which records only the first branch as its input."""
+def rows_from_store(root: Path) -> tuple[list[dict], list[dict]]:
+    """One row per evaluated branch, from the stage manifests alone (no weights needed), and the rows left
+    out. Walks forward from each score entry by output digest: two branches whose pruned models came out
+    identical share one fine-tuning entry, which records only the first branch as its input; two score
+    entries of one branch with the same output lead to the same evaluation and give one row. A branch
+    computed under several code versions keeps one row (see ``one_per_branch``)."""
     from diffprune.report import HEADLINE_STAGES, branch_label, branch_method, headline
 
     entries = {stage: {m["key"]: m for m in (json.loads(p.read_text()) for p in root.glob(f"{stage}/*/manifest.json"))}
@@ -89,7 +96,7 @@ def rows_from_store(root: Path) -> list[dict]:
         return [m for m in entries[stage].values()
                 if entries[up_stage][m["inputs"][name]]["output_digest"] == upstream["output_digest"]]
 
-    rows = []
+    rows, seen = [], set()
     for score in entries["score"].values():
         for prune in after("prune", score, "scores", "score"):
             seed = prune["params"]["seed"]
@@ -102,11 +109,33 @@ def rows_from_store(root: Path) -> list[dict]:
                     shown = sp.get("variant", "diffusers") if s["score"].get("variant") else None
                     branch = {"criterion": sp["criterion"], "thr": sp["thr"], "seed": seed, "variant": shown,
                               "target_macs": prune["params"]["target_macs"], "n_batches": sp.get("n_batches", 1)}
-                    rows.append({**headline(s), **branch, "label": branch_label(**branch),
-                                 "method": branch_method(sp["criterion"], sp["thr"], shown, branch["n_batches"])})
+                    label = branch_label(**branch)
+                    if (label, evaluation["key"]) in seen:
+                        continue
+                    seen.add((label, evaluation["key"]))
+                    rows.append({**headline(s), **branch, "label": label,
+                                 "method": branch_method(sp["criterion"], sp["thr"], shown, branch["n_batches"]),
+                                 "code": "/".join(str(m.get("code")) for m in chain.values()),
+                                 "created": evaluation.get("created", 0.0)})
     if not rows:
         raise SystemExit(f"{root}: no evaluated branch (no complete score → evaluate chain)")
-    return sorted(rows, key=lambda r: r["label"])
+    return one_per_branch(rows)
+
+
+def one_per_branch(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A branch evaluated under several code versions (the stages' code changed between runs into one store)
+    keeps the row computed with the code most branches share — a table must compare methods under one
+    code — else its newest; the others are returned as left out, to be listed, not silently dropped."""
+    code_count = Counter(r["code"] for r in rows)
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_label[r["label"]].append(r)
+    kept, left_out = [], []
+    for label in sorted(by_label):
+        ranked = sorted(by_label[label], key=lambda r: (code_count[r["code"]], r["created"]), reverse=True)
+        kept.append(ranked[0])
+        left_out += ranked[1:]
+    return kept, left_out
 
 
 def aggregate(rows: list[dict], steps: int) -> list[dict]:
@@ -132,7 +161,7 @@ def aggregate(rows: list[dict], steps: int) -> list[dict]:
     return table
 
 
-def render(table: list[dict], rows: list[dict]) -> str:
+def render(table: list[dict], rows: list[dict], left_out: list[dict] = ()) -> str:
     lines = ["| method | MACs target | params | MACs | FID (mean ± sd over seeds) | FID per seed | SSIM to teacher "
              "| fine-tune steps | timesteps scored | score s | fine-tune s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -145,6 +174,8 @@ def render(table: list[dict], rows: list[dict]) -> str:
             f"{visited if visited else '–'} | {_seconds(t.get('score_s'))} | {_seconds(t.get('finetune_s'))} |")
     failed = [r for r in rows if "error" in r]
     lines += [f"- {r['label']}: failed in {r['failed_stage']}: {r['error']}" for r in failed]
+    lines += [f"- {r['label']}: an evaluation under other stage code (FID {r['fid']:.3f}, code {r['code']}) left out"
+              for r in left_out]
     done = [r for r in rows if "error" not in r and r.get("method")]
     if done:
         lines += ["", "Paired by seed (FID; Diff-Pruning minus the other method):", "", paired.render(done)]
@@ -165,8 +196,10 @@ def pareto(table: list[dict], path: Path) -> None:
 
     methods = list(dict.fromkeys(t["method"] for t in table))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=130)
-    for ax, zoom in zip(axes, (False, True), strict=True):
+    zooms = (False, True) if "reinit" in methods else (False,)  # nothing to zoom past without scratch training
+    fig, axes = plt.subplots(1, len(zooms), figsize=(5 * len(zooms), 4), dpi=130, squeeze=False)
+    axes = axes[0]
+    for ax, zoom in zip(axes, zooms, strict=True):
         for i, method in enumerate(methods):
             pts = sorted((t for t in table if t["method"] == method), key=lambda t: t["macs"])
             if zoom and method == "reinit":
@@ -182,6 +215,39 @@ def pareto(table: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+def seeds_plot(rows: list[dict], path: Path) -> None:
+    """FID of every method on every seed, one line per seed across the methods of a MACs target: the
+    pairing the paired table tests, made visible (a seed that is hard for every method is a high line,
+    not a difference between methods). Written only with two seeds or more."""
+    fids = paired.per_method(rows)
+    seeds = sorted({s for by_seed in fids.values() for s in by_seed})
+    if len(seeds) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted({target for _, target in fids}, reverse=True)
+    width = max(5.0, 1.1 * max(sum(t == target for _, t in fids) for target in targets))
+    fig, axes = plt.subplots(1, len(targets), figsize=(width * len(targets), 4.2), dpi=130, squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        methods = sorted((m for m, t in fids if t == target), key=lambda m: np.mean(list(fids[(m, target)].values())))
+        for i, seed in enumerate(seeds):
+            ys = [fids[(m, target)].get(seed, np.nan) for m in methods]
+            ax.plot(range(len(methods)), ys, "o-", lw=1, ms=4, color=plt.get_cmap("tab10")(i % 10),
+                    label=f"seed {seed}")
+        means = [np.mean(list(fids[(m, target)].values())) for m in methods]
+        ax.scatter(range(len(methods)), means, marker="_", s=600, color="black", zorder=3, label="mean")
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"FID per seed at {target:g}× MACs (lower is better)", fontsize=9)
+    axes[0][0].set_ylabel("FID")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,10 @@ fine-tuning seeds, so seed-to-seed noise that hits every method alike cancels in
 
 For a pair, d_s = FID(diff-pruning, seed s) − FID(other, seed s) over the seeds both finished; reported:
 the mean of d, its 95 % interval mean ± t(0.975, n−1)·sd/√n (Student's t: few seeds), and how many seeds
-Diff-Pruning won (lower FID). The data show a difference only where the interval excludes 0.
+Diff-Pruning won (lower FID). The data show a difference only where the interval excludes 0. Where they do
+not, ``seeds_needed`` says how many paired seeds a paired t-test would need to detect the observed gap with
+80 % power at the observed spread — whether more seeds are worth running or the gap is below what they
+can resolve.
 """
 
 from __future__ import annotations
@@ -62,7 +65,22 @@ def difference(d: np.ndarray) -> dict:
     mean, half = float(d.mean()), float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
     low, high = mean - half, mean + half
     verdict = "lower FID" if high < 0 else "higher FID" if low > 0 else "no difference shown"
-    return {"mean": mean, "low": low, "high": high, "wins": int((d < 0).sum()), "verdict": verdict}
+    return {"mean": mean, "low": low, "high": high, "wins": int((d < 0).sum()), "verdict": verdict,
+            "seeds_needed": seeds_needed(mean, float(d.std(ddof=1)))}
+
+
+def seeds_needed(mean: float, sd: float, power: float = 0.8, most: int = 1000) -> int | None:
+    """Fewest paired seeds for a two-sided 5 % paired t-test to detect ``mean`` at spread ``sd`` with ``power``
+    (noncentral t, no normal approximation: few seeds); None beyond ``most``."""
+    if sd == 0:
+        return 2
+    effect = abs(mean) / sd
+    for n in range(2, most + 1):
+        df, crit = n - 1, stats.t.ppf(0.975, n - 1)
+        nc = effect * math.sqrt(n)
+        if stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc) >= power:
+            return n
+    return None
 
 
 def sentence(p: dict) -> str:
@@ -82,14 +100,32 @@ def render(rows: list[dict], reference: str = REFERENCE) -> str:
     lines = ["| method | MACs target | seeds | FID mean | FID sd |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {t['method']} | {t['target_macs']:g} | {t['seeds']} | {t['fid']:.3f} | {_num(t['fid_sd'])} |"
               for t in methods_table(rows)]
+    lines += ["", *per_seed_table(rows)]
     pairs = paired(rows, reference)
     if pairs:
-        lines += ["", "| method | vs | MACs target | paired seeds | mean difference | 95 % interval | won | verdict |",
-                  "|---|---|---:|---:|---:|---|---:|---|"]
+        lines += ["", "| method | vs | MACs target | paired seeds | mean difference | 95 % interval | won | verdict "
+                  "| seeds for 80 % power |", "|---|---|---:|---:|---:|---|---:|---|---:|"]
         lines += [f"| {p['method']} | {p['versus']} | {p['target_macs']:g} | {p['seeds']} | {_num(p['mean'], '+')} | "
-                  f"{_interval(p)} | {p['wins']}/{p['seeds']} | {p['verdict']} |" for p in pairs]
+                  f"{_interval(p)} | {p['wins']}/{p['seeds']} | {p['verdict']} | {_needed(p)} |" for p in pairs]
         lines += [""] + [f"- {sentence(p)}" for p in pairs]
     return "\n".join(lines) + "\n"
+
+
+def per_seed_table(rows: list[dict]) -> list[str]:
+    """FID of every method (rows) on every seed (columns), markdown lines: the pairing made visible."""
+    fids = per_method(rows)
+    seeds = sorted({s for by_seed in fids.values() for s in by_seed})
+    lines = ["| method | MACs target | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---:|" + "---:|" * len(seeds)]
+    for (method, target), by_seed in sorted(fids.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        cells = " | ".join(f"{by_seed[s]:.3f}" if s in by_seed else "–" for s in seeds)
+        lines.append(f"| {method} | {target:g} | {cells} |")
+    return lines
+
+
+def _needed(p: dict) -> str:
+    n = p.get("seeds_needed")
+    return "–" if p["verdict"] == "too few seeds" else "> 1000" if n is None else str(n)
 
 
 def _num(x: float, sign: str = "") -> str:

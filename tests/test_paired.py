@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from diffprune.paired import methods_table, paired, render
+from diffprune.paired import methods_table, paired, per_seed_table, render, seeds_needed
 
 
 def _rows(method, fids, target=0.6):
@@ -50,3 +50,22 @@ def test_two_variants_of_diff_pruning_are_compared_once():
     pairs = {(p["method"], p["versus"]) for p in paired(rows)}
     assert pairs == {("diff-pruning-thr0.05", "diff-pruning-thr0.05-paper"), ("diff-pruning-thr0.05", "taylor"),
                      ("diff-pruning-thr0.05-paper", "taylor")}
+
+
+def test_seeds_needed_matches_the_textbook_paired_t_test_sample_sizes():
+    # two-sided 5 %, 80 % power, paired t-test (G*Power): effect size 0.5 → 34 pairs, 1.0 → 10
+    assert seeds_needed(0.05, 0.10) == 34
+    assert seeds_needed(-0.10, 0.10) == 10
+    assert seeds_needed(0.0, 0.10) is None  # no gap: no number of seeds finds one
+    rows = _rows("diff-pruning-thr0.05", [1.0, 1.2, 0.9]) + _rows("random", [1.1, 1.1, 1.0])
+    (p,) = paired(rows)  # differences −0.1, +0.1, −0.1: mean −1/30, sd 0.1155
+    assert p["seeds_needed"] == seeds_needed(-0.1 / 3, math.sqrt(0.04 / 3))
+    assert f"| no difference shown | {p['seeds_needed']} |" in render(rows)
+
+
+def test_per_seed_table_lines_up_seeds_and_marks_missing_ones():
+    rows = _rows("diff-pruning-thr0.05", [1.0, 1.2, 0.9]) + _rows("magnitude", [1.1, 1.0])
+    header, _, dp, mag = per_seed_table(rows)
+    assert header == "| method | MACs target | seed 0 | seed 1 | seed 2 |"
+    assert dp == "| diff-pruning-thr0.05 | 0.6 | 1.000 | 1.200 | 0.900 |"
+    assert mag == "| magnitude | 0.6 | 1.100 | 1.000 | – |"

@@ -1,11 +1,13 @@
-"""Method comparison through the sweep flow: scratch training (reinit), random, magnitude, Taylor and
+r"""Method comparison through the sweep flow: scratch training (reinit), random, magnitude, Taylor and
 Diff-Pruning at several thresholds, at two MACs targets, the same fine-tuning budget, several seeds —
 branches paired by seed — plus Diff-Pruning against each other method paired by seed (diffprune.paired).
 
-    # the paired comparison of issue 13: ≥ 5 seeds at 0.6 MACs, both score variants, a 4 × 32-image row
+    # the paired comparison (docs/results.md §5.1: the exact per-seed commands, run seed-major, resumably)
     python benchmarks/methods.py --criteria diff-pruning taylor magnitude random --thresholds 0.05 \
-        --targets 0.6 --seeds 0 1 2 3 4 --variants diffusers paper --score-batches 1 4 \
-        --out benchmarks/results/paired          # (docs/results.md §5.1 runs it seed by seed, resumably)
+        --targets 0.6 --seeds 0 1 2 3 4 --set orchestration.store=artifacts/paired/store
+    python benchmarks/methods.py --criteria diff-pruning --variants paper ...      # the paper's score
+    python benchmarks/methods.py --criteria diff-pruning --score-batches 4 ...     # 4 × 32 scoring images
+    python benchmarks/methods.py --from-store artifacts/paired/store --out benchmarks/results/paired
 
     python benchmarks/methods.py                      # the default params.yaml; ~4 h on 2 CPU cores
     python benchmarks/methods.py --workers 12 --set tracking.enabled=false   # the committed results: one H200,

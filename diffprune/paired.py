@@ -8,6 +8,10 @@ Diff-Pruning won (lower FID). The data show a difference only where the interval
 not, ``seeds_needed`` says how many paired seeds a paired t-test would need to detect the observed gap with
 80 % power at the observed spread — whether more seeds are worth running or the gap is below what they
 can resolve.
+
+Many pairs are tested at once (12 for four methods in three Diff-Pruning flavours), so one interval in
+twenty excludes 0 by chance alone: each pair also carries its two-sided p-value and the Holm-adjusted one
+over all pairs of the table, and a difference that does not survive the adjustment is said so.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ def paired(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
             d = np.array([ref_fid[s] - other_fid[s] for s in seeds])
             out.append({"method": ref, "versus": other, "target_macs": target, "seeds": len(seeds),
                         **difference(d)})
+    for p, adjusted in zip(out, holm([p.get("p", math.nan) for p in out]), strict=True):
+        p["p_holm"] = adjusted
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error) of p-values; NaN (no test) stays NaN and is not counted."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    out, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        out[i] = running
     return out
 
 
@@ -62,11 +78,16 @@ def difference(d: np.ndarray) -> dict:
     if n < 2:
         return {"mean": float(d.mean()) if n else float("nan"), "low": float("nan"), "high": float("nan"),
                 "wins": int((d < 0).sum()), "verdict": "too few seeds"}
-    mean, half = float(d.mean()), float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
     low, high = mean - half, mean + half
     verdict = "lower FID" if high < 0 else "higher FID" if low > 0 else "no difference shown"
-    return {"mean": mean, "low": low, "high": high, "wins": int((d < 0).sum()), "verdict": verdict,
-            "seeds_needed": seeds_needed(mean, float(d.std(ddof=1)))}
+    if sd == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return {"mean": mean, "low": low, "high": high, "wins": int((d < 0).sum()), "verdict": verdict, "p": p,
+            "seeds_needed": seeds_needed(mean, sd)}
 
 
 def seeds_needed(mean: float, sd: float, power: float = 0.8, most: int = 1000) -> int | None:
@@ -91,8 +112,10 @@ def sentence(p: dict) -> str:
     if p["verdict"] == "no difference shown":
         return (f"{p['method']} vs {p['versus']}: the data show no difference over {p['seeds']} paired seeds "
                 f"({ci}; won {p['wins']} of {p['seeds']}).")
+    holm_note = "" if p.get("p_holm", 0.0) < 0.05 else (
+        f"; not after Holm's adjustment for the table's comparisons, p = {p['p_holm']:.2f}")
     return (f"{p['method']} vs {p['versus']}: {p['method']} has {p['verdict']} over {p['seeds']} paired seeds "
-            f"({ci}; won {p['wins']} of {p['seeds']}).")
+            f"({ci}; won {p['wins']} of {p['seeds']}{holm_note}).")
 
 
 def render(rows: list[dict], reference: str = REFERENCE) -> str:
@@ -103,10 +126,12 @@ def render(rows: list[dict], reference: str = REFERENCE) -> str:
     lines += ["", *per_seed_table(rows)]
     pairs = paired(rows, reference)
     if pairs:
-        lines += ["", "| method | vs | MACs target | paired seeds | mean difference | 95 % interval | won | verdict "
-                  "| seeds for 80 % power |", "|---|---|---:|---:|---:|---|---:|---|---:|"]
+        lines += ["", "| method | vs | MACs target | paired seeds | mean difference | 95 % interval | won | p "
+                  "| p (Holm) | verdict | seeds for 80 % power |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|"]
         lines += [f"| {p['method']} | {p['versus']} | {p['target_macs']:g} | {p['seeds']} | {_num(p['mean'], '+')} | "
-                  f"{_interval(p)} | {p['wins']}/{p['seeds']} | {p['verdict']} | {_needed(p)} |" for p in pairs]
+                  f"{_interval(p)} | {p['wins']}/{p['seeds']} | {_p(p.get('p'))} | {_p(p.get('p_holm'))} | "
+                  f"{p['verdict']} | {_needed(p)} |" for p in pairs]
         lines += [""] + [f"- {sentence(p)}" for p in pairs]
     return "\n".join(lines) + "\n"
 
@@ -126,6 +151,10 @@ def per_seed_table(rows: list[dict]) -> list[str]:
 def _needed(p: dict) -> str:
     n = p.get("seeds_needed")
     return "–" if p["verdict"] == "too few seeds" else "> 1000" if n is None else str(n)
+
+
+def _p(x: float | None) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
 def _num(x: float, sign: str = "") -> str:

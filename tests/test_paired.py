@@ -3,8 +3,9 @@
 import math
 
 import pytest
+from scipy import stats
 
-from diffprune.paired import methods_table, paired, per_seed_table, render, seeds_needed
+from diffprune.paired import holm, methods_table, paired, per_seed_table, render, seeds_needed
 
 
 def _rows(method, fids, target=0.6):
@@ -41,7 +42,7 @@ def test_one_seed_says_so():
     (p,) = paired(_rows("diff-pruning-thr0.05", [1.0]) + _rows("random", [1.3]))
     assert p["verdict"] == "too few seeds"
     text = render(_rows("diff-pruning-thr0.05", [1.0]) + _rows("random", [1.3]))
-    assert "| 1 | -0.300 | – | 1/1 | too few seeds |" in text
+    assert "| 1 | -0.300 | – | 1/1 | – | – | too few seeds |" in text
 
 
 def test_two_variants_of_diff_pruning_are_compared_once():
@@ -69,3 +70,27 @@ def test_per_seed_table_lines_up_seeds_and_marks_missing_ones():
     assert header == "| method | MACs target | seed 0 | seed 1 | seed 2 |"
     assert dp == "| diff-pruning-thr0.05 | 0.6 | 1.000 | 1.200 | 0.900 |"
     assert mag == "| magnitude | 0.6 | 1.100 | 1.000 | – |"
+
+
+def test_p_values_are_the_paired_t_test_and_holm_adjusts_them_over_the_table():
+    dp = [1.00, 1.10, 0.90, 1.05, 0.95]
+    rows = (_rows("diff-pruning-thr0.05", dp) + _rows("taylor", [1.10, 1.15, 1.00, 1.20, 1.00])
+            + _rows("random", [1.02, 1.08, 0.95, 1.10, 0.97]))
+    pairs = {p["versus"]: p for p in paired(rows)}
+    for other, fids in (("taylor", [1.10, 1.15, 1.00, 1.20, 1.00]), ("random", [1.02, 1.08, 0.95, 1.10, 0.97])):
+        assert pairs[other]["p"] == pytest.approx(stats.ttest_rel(dp, fids).pvalue)
+    low, high = sorted((pairs["taylor"]["p"], pairs["random"]["p"]))
+    assert sorted(p["p_holm"] for p in pairs.values()) == pytest.approx([2 * low, max(2 * low, high)])
+    # by hand: step-down, monotone, capped at 1, untested pairs neither adjusted nor counted
+    assert holm([0.01, 0.04, 0.03, math.nan, 0.005]) == pytest.approx([0.03, 0.06, 0.06, math.nan, 0.02], nan_ok=True)
+    assert holm([0.6, 0.7]) == [1.0, 1.0]
+
+
+def test_a_difference_that_does_not_survive_holm_is_said_so():
+    dp = [1.00, 1.10, 0.90]
+    rows = _rows("diff-pruning-thr0.05", dp) + _rows("taylor", [1.06, 1.15, 0.97])  # d = −.06 −.05 −.07: p ≈ 0.013
+    rows += [r for i, m in enumerate(("magnitude", "random", "reinit", "x", "y"))
+             for r in _rows(m, [1.0 + i / 50, 1.2, 0.8])]
+    (taylor,) = [p for p in paired(rows) if p["versus"] == "taylor"]
+    assert taylor["verdict"] == "lower FID" and taylor["p"] < 0.05 <= taylor["p_holm"]
+    assert "not after Holm's adjustment for the table's comparisons" in render(rows)

@@ -226,6 +226,7 @@ def seeds_plot(rows: list[dict], path: Path) -> None:
     seeds = sorted({s for by_seed in fids.values() for s in by_seed})
     if len(seeds) < 2:
         return
+    means = {(t["method"], t["target_macs"]): t["fid"] for t in paired.methods_table(rows)}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,13 +236,13 @@ def seeds_plot(rows: list[dict], path: Path) -> None:
     width = max(5.0, 1.1 * max(sum(t == target for _, t in fids) for target in targets))
     fig, axes = plt.subplots(1, len(targets), figsize=(width * len(targets), 4.2), dpi=130, squeeze=False)
     for ax, target in zip(axes[0], targets, strict=True):
-        methods = sorted((m for m, t in fids if t == target), key=lambda m: np.mean(list(fids[(m, target)].values())))
+        methods = sorted((m for m, t in fids if t == target), key=lambda m: means[(m, target)])
         for i, seed in enumerate(seeds):
             ys = [fids[(m, target)].get(seed, np.nan) for m in methods]
             ax.plot(range(len(methods)), ys, "o-", lw=1, ms=4, color=plt.get_cmap("tab10")(i % 10),
                     label=f"seed {seed}")
-        means = [np.mean(list(fids[(m, target)].values())) for m in methods]
-        ax.scatter(range(len(methods)), means, marker="_", s=600, color="black", zorder=3, label="mean")
+        ax.scatter(range(len(methods)), [means[(m, target)] for m in methods], marker="_", s=600, color="black",
+                   zorder=3, label="mean")
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"FID per seed at {target:g}× MACs (lower is better)", fontsize=9)
     axes[0][0].set_ylabel("FID")

@@ -57,7 +57,7 @@ def paired(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
             d = np.array([ref_fid[s] - other_fid[s] for s in seeds])
             out.append({"method": ref, "versus": other, "target_macs": target, "seeds": len(seeds),
                         **difference(d)})
-    for p, adjusted in zip(out, holm([p.get("p", math.nan) for p in out]), strict=True):
+    for p, adjusted in zip(out, holm([p["p"] for p in out]), strict=True):
         p["p_holm"] = adjusted
     return out
 
@@ -77,7 +77,7 @@ def difference(d: np.ndarray) -> dict:
     n = len(d)
     if n < 2:
         return {"mean": float(d.mean()) if n else float("nan"), "low": float("nan"), "high": float("nan"),
-                "wins": int((d < 0).sum()), "verdict": "too few seeds"}
+                "p": float("nan"), "wins": int((d < 0).sum()), "verdict": "too few seeds"}
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
     low, high = mean - half, mean + half
@@ -130,7 +130,7 @@ def render(rows: list[dict], reference: str = REFERENCE) -> str:
                   "| p (Holm) | verdict | seeds for 80 % power |",
                   "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|"]
         lines += [f"| {p['method']} | {p['versus']} | {p['target_macs']:g} | {p['seeds']} | {_num(p['mean'], '+')} | "
-                  f"{_interval(p)} | {p['wins']}/{p['seeds']} | {_p(p.get('p'))} | {_p(p.get('p_holm'))} | "
+                  f"{_interval(p)} | {p['wins']}/{p['seeds']} | {_num(p['p'])} | {_num(p['p_holm'])} | "
                   f"{p['verdict']} | {_needed(p)} |" for p in pairs]
         lines += [""] + [f"- {sentence(p)}" for p in pairs]
     return "\n".join(lines) + "\n"
@@ -151,10 +151,6 @@ def per_seed_table(rows: list[dict]) -> list[str]:
 def _needed(p: dict) -> str:
     n = p.get("seeds_needed")
     return "–" if p["verdict"] == "too few seeds" else "> 1000" if n is None else str(n)
-
-
-def _p(x: float | None) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
 def _num(x: float, sign: str = "") -> str:

@@ -36,15 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from diffprune.conditioning import ClassCondition, LabelEmbedding
-from diffprune.config import TrainParams
-from diffprune.family import Diffusion
-from diffprune.importance import accumulate_gradients
-from diffprune.macs import macs_and_params
-from diffprune.models import make_scheduler
-from diffprune.persist import ARCH_FILE, describe, load_exact
-from diffprune.pruning import prune_unet
-from diffprune.training import train
+from diffprune.family.conditioning import ClassCondition, LabelEmbedding
+from diffprune.family.diffusion import Diffusion
+from diffprune.family.models import make_scheduler
+from diffprune.family.persist import ARCH_FILE, describe, load_exact
+from diffprune.pipeline.stage_params import TrainParams
+from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.macs import macs_and_params
+from diffprune.pruning.structural import prune_unet
+from diffprune.training.loop import train
 
 RATIO, ROUND_TO = 0.3, 2
 

@@ -15,7 +15,7 @@ RESULTS = Path(__file__).parent / "results"
 def machine() -> dict:
     import torch
 
-    from diffprune.fingerprint import library_versions
+    from diffprune.pipeline.fingerprint import library_versions
 
     info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
             "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -33,17 +33,17 @@ import torch
 import yaml
 
 from benchmarks.common import RESULTS, save
-from diffprune.config import FastPathParams, TrainParams, load_params
-from diffprune.data import load_prepared, prepare_dataset
-from diffprune.family import Diffusion
-from diffprune.importance import accumulate_gradients
-from diffprune.macs import macs_and_params
-from diffprune.metrics import latency_pair
-from diffprune.models import BUILTIN_TEACHER, load_model
-from diffprune.pruning import layer_widths, prune_to_macs, prune_unet
-from diffprune.stage_table import LIBRARY
-from diffprune.tensors import images_to_tensor
-from diffprune.training import train
+from diffprune.data.datasets import load_prepared, prepare_dataset
+from diffprune.evaluation.metrics import latency_pair
+from diffprune.family.diffusion import Diffusion, images_to_tensor
+from diffprune.family.models import BUILTIN_TEACHER, load_model
+from diffprune.pipeline.config import load_params
+from diffprune.pipeline.stage_params import FastPathParams, TrainParams
+from diffprune.pipeline.table import LIBRARY
+from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.macs import macs_and_params
+from diffprune.pruning.structural import layer_widths, prune_to_macs, prune_unet
+from diffprune.training.loop import train
 
 STAGES = tuple(s.name for s in LIBRARY)
 PATHS = {"plain fp32": None, "fp32 channels-last": FastPathParams(precision="fp32", channels_last=True),

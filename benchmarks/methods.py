@@ -1,6 +1,6 @@
 r"""Method comparison through the sweep flow: scratch training (reinit), random, magnitude, Taylor and
 Diff-Pruning at several thresholds, at two MACs targets, the same fine-tuning budget, several seeds —
-branches paired by seed — plus Diff-Pruning against each other method paired by seed (diffprune.paired).
+branches paired by seed — plus Diff-Pruning against each other method paired by seed (diffprune.evaluation.paired).
 
     # the paired comparison (docs/results.md §5.1: the exact per-seed commands, run seed-major, resumably)
     python benchmarks/methods.py --criteria diff-pruning taylor magnitude random --thresholds 0.05 \
@@ -32,10 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, mean_std, save
-from diffprune import paired
-from diffprune.config import load_params
-from diffprune.criteria import method_label
+from diffprune.evaluation import paired
 from diffprune.flows.cli import prepare_environment
+from diffprune.pipeline.config import load_params
+from diffprune.pruning.criteria import method_label
 
 
 def main() -> None:
@@ -89,7 +89,7 @@ def rows_from_store(root: Path) -> tuple[list[dict], list[dict]]:
     identical share one fine-tuning entry, which records only the first branch as its input; two score
     entries of one branch with the same output lead to the same evaluation and give one row. A branch
     computed under several code versions keeps one row (see ``one_per_branch``)."""
-    from diffprune.report import HEADLINE_STAGES, branch_label, branch_method, headline
+    from diffprune.evaluation.report import HEADLINE_STAGES, branch_label, branch_method, headline
 
     entries = {stage: {m["key"]: m for m in (json.loads(p.read_text()) for p in root.glob(f"{stage}/*/manifest.json"))}
                for stage in HEADLINE_STAGES}

@@ -33,16 +33,17 @@ import torch
 from benchmarks.architectures import ARCHITECTURES, REFERENCES
 from benchmarks.architectures import render as render_architectures
 from benchmarks.common import RESULTS, save
-from diffprune import inference
-from diffprune.config import TrainParams, load_params
-from diffprune.family import Diffusion
-from diffprune.importance import accumulate_gradients
-from diffprune.macs import macs_and_params
-from diffprune.metrics import latency_pair
-from diffprune.models import build_unet, make_scheduler
-from diffprune.pruning import prune_unet
-from diffprune.sampling import sample
-from diffprune.training import train
+from diffprune.evaluation.metrics import latency_pair
+from diffprune.evaluation.sampling import sample
+from diffprune.family import fast_path as inference
+from diffprune.family.diffusion import Diffusion
+from diffprune.family.models import build_unet, make_scheduler
+from diffprune.pipeline.config import load_params
+from diffprune.pipeline.stage_params import TrainParams
+from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.macs import macs_and_params
+from diffprune.pruning.structural import prune_unet
+from diffprune.training.loop import train
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 # The paper's numbers (Tables 1 and 2; CIFAR-10 to the digit in the official code's log).

@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from benchmarks.common import RESULTS, save
-from diffprune.config import load_params
-from diffprune.data import load_prepared, prepare_dataset
-from diffprune.importance import accumulate_gradients
-from diffprune.metrics import ssim
-from diffprune.models import BUILTIN_TEACHER, load_model
-from diffprune.pruning import prune_unet
-from diffprune.sampling import sample
-from diffprune.tensors import images_to_tensor
+from diffprune.data.datasets import load_prepared, prepare_dataset
+from diffprune.evaluation.metrics import ssim
+from diffprune.evaluation.sampling import sample
+from diffprune.family.diffusion import images_to_tensor
+from diffprune.family.models import BUILTIN_TEACHER, load_model
+from diffprune.pipeline.config import load_params
+from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.structural import prune_unet
 
 
 def main() -> None:

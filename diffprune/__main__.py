@@ -1,5 +1,5 @@
 """Allows `python -m diffprune` and `accelerate launch -m diffprune`."""
 
-from diffprune.cli import main
+from diffprune.pipeline.cli import main
 
 raise SystemExit(main())

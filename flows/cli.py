@@ -12,10 +12,11 @@ import logging
 import os
 from pathlib import Path
 
-from diffprune import cli, progress
-from diffprune.config import load_params
-from diffprune.errors import DiffpruneError
+from diffprune.common import progress
+from diffprune.common.errors import DiffpruneError
 from diffprune.flows import preflight
+from diffprune.pipeline import cli
+from diffprune.pipeline.config import load_params
 
 # What a first run on a fresh machine needs: the temporary Prefect server's database set-up takes
 # ~20 s here (minutes on a busy machine), past Prefect's default 20 s start-up limit; no telemetry leaves.
@@ -113,7 +114,7 @@ def orchestrate(args: argparse.Namespace) -> dict:
         from diffprune.flows.serve import serve
 
         return serve(args.params, overrides, once=args.once)
-    from diffprune.tasks.dvc_register import register_workspace
+    from diffprune.repro.workspace import register_workspace
 
     return register_workspace(params)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from diffprune.atomic import atomic_file
-from diffprune.flows.steps import Steps, publish_report, stage_params, summary_of, wiring
-from diffprune.report import render
-from diffprune.stage_table import LIBRARY
-from diffprune.tasks.registration import register
+from diffprune.common.atomic import atomic_file
+from diffprune.evaluation.report import render
+from diffprune.flows.context import Steps, publish_report, stage_params, summary_of, wiring
+from diffprune.pipeline.table import LIBRARY
+from diffprune.tasks.register import register
 from diffprune.tasks.store import folder, manifest_of
 
 
@@ -77,7 +77,7 @@ def _register(steps: Steps, params, inputs: dict[str, dict], summary: dict) -> d
 def _experiment_url(steps: Steps) -> str | None:
     if not steps.tracker:
         return None
-    from diffprune.tasks.tracking import ui_url
+    from diffprune.tracking.runs import ui_url
 
     return ui_url(steps.tracker.uri, steps.tracker.experiment_id)
 
@@ -85,7 +85,7 @@ def _experiment_url(steps: Steps) -> str | None:
 def _links(steps: Steps, registered: dict | None) -> dict[str, str]:
     links = {}
     if steps.tracker:
-        from diffprune.tasks.tracking import ui_url  # MLflow is imported only when tracking is on
+        from diffprune.tracking.runs import ui_url  # MLflow is imported only when tracking is on
 
         t = steps.tracker
         links["MLflow run"] = f"{ui_url(t.uri, t.experiment_id, t.run_id)} (`mlflow ui --backend-store-uri {t.uri}`)"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import tomllib
 
-from diffprune.config import Params
-from diffprune.errors import DiffpruneError
+from diffprune.common.errors import DiffpruneError
+from diffprune.pipeline.config import Params
 
 TIMEOUT_S = 3.0
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import serve as serve_deployments
 from prefect.schedules import Cron
 
-from diffprune.config import load_params
-from diffprune.errors import DiffpruneError
+from diffprune.common.errors import DiffpruneError
 from diffprune.flows.pipeline import pipeline
+from diffprune.pipeline.config import load_params
 
 
 def deployment(params_file: str = "params.yaml", overrides: list[str] | None = None):

@@ -17,13 +17,13 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from diffprune import paired
-from diffprune.atomic import atomic_file, write_json
-from diffprune.config import Params, load_params
-from diffprune.criteria import CRITERIA
-from diffprune.flows.steps import Steps, publish_grids, publish_table, shared_stages, stage_params, summary_of, wiring
-from diffprune.report import branch_label, branch_method, comparison
-from diffprune.stage_table import LIBRARY
+from diffprune.common.atomic import atomic_file, write_json
+from diffprune.evaluation import paired
+from diffprune.evaluation.report import branch_label, branch_method, comparison
+from diffprune.flows.context import Steps, publish_grids, publish_table, shared_stages, stage_params, summary_of, wiring
+from diffprune.pipeline.config import Params, load_params
+from diffprune.pipeline.table import LIBRARY
+from diffprune.pruning.criteria import CRITERIA
 from diffprune.tasks import store
 
 

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 
-from diffprune import cli, progress
-from diffprune.errors import DiffpruneError, OutputWriteError
+from diffprune.common import progress
+from diffprune.common.errors import DiffpruneError, OutputWriteError
+from diffprune.pipeline import cli
 
 
 class StageInputError(DiffpruneError):

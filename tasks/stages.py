@@ -2,7 +2,7 @@
 ``diffprune <stage>``.
 
 Cache keys come from the stage's own params (less the fields its schema marks as not keyed), the
-content digests of its inputs and its code version (:mod:`diffprune.fingerprint`) — never from the run
+content digests of its inputs and its code version (:mod:`diffprune.pipeline.fingerprint`) — never from the run
 id or a path. A task returns a small reference ``{"stage", "key"}`` into the content-addressed store
 (:mod:`diffprune.tasks.store`), persisted as JSON. A cached reference whose store entry is missing or
 damaged is not trusted: the key policy turns that lookup into a miss, and the stage is recomputed.
@@ -20,17 +20,17 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 
-from diffprune.config import group_model, unkeyed_fields
-from diffprune.fingerprint import code_version, dir_digest
-from diffprune.fingerprint import stage_key as hash_key
-from diffprune.shipped import ASSETS, BUILTIN_TEACHER
-from diffprune.stage_table import LIBRARY, STAGES, Stage
+from diffprune.family.shipped import ASSETS, BUILTIN_TEACHER
+from diffprune.pipeline.config import group_model, unkeyed_fields
+from diffprune.pipeline.fingerprint import code_version, dir_digest
+from diffprune.pipeline.fingerprint import stage_key as hash_key
+from diffprune.pipeline.table import LIBRARY, STAGES, Stage
 from diffprune.tasks import store
 from diffprune.tasks.execute import StageInputError, StageTimeout, run_cli
 
 # Stages the orchestration layer runs itself (they talk to MLflow): the modules their code version covers.
-EDGE_CODE = {"register": ("diffprune.tasks.registry", "diffprune.tasks.mlflow_model", "diffprune.promotion",
-                          "diffprune.report")}
+EDGE_CODE = {"register": ("diffprune.tracking.register", "diffprune.tracking.mlflow_model", "diffprune.tracking.promotion",
+                          "diffprune.evaluation.report")}
 
 
 def stage_code(stage: str) -> str:

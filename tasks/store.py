@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from diffprune.atomic import file_lock, refused_writes, write_json
-from diffprune.fingerprint import dir_digest
+from diffprune.common.atomic import file_lock, refused_writes, write_json
+from diffprune.pipeline.fingerprint import dir_digest
 
 MANIFEST = "manifest.json"
 

@@ -18,8 +18,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from diffprune.data import load_prepared, prepare_dataset
-from diffprune.models import build_unet, make_scheduler, save_model
+from diffprune.data.datasets import load_prepared, prepare_dataset
+from diffprune.family.models import build_unet, make_scheduler, save_model
 from tiny import TINY_ARCH, TINY_DATA
 
 
@@ -57,7 +57,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_tiny(digits, tmp_path_factory):
     """A tiny UNet trained briefly on a 100-step schedule: its loss falls with t, as a real teacher's."""
-    from diffprune.training import train
+    from diffprune.training.loop import train
     from tiny import tiny_train
 
     torch.manual_seed(0)

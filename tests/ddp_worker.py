@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from diffprune.data import load_prepared
-from diffprune.models import build_unet, make_scheduler
-from diffprune.training import train
+from diffprune.data.datasets import load_prepared
+from diffprune.family.models import build_unet, make_scheduler
+from diffprune.training.loop import train
 from tiny import TINY_ARCH, tiny_train
 
 data_dir, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
 
-from diffprune.conditioning import ClassCondition, LabelEmbedding, TextCondition
-from diffprune.family import Diffusion
-from diffprune.models import make_scheduler
+from diffprune.family.conditioning import ClassCondition, LabelEmbedding, TextCondition
+from diffprune.family.diffusion import Diffusion
+from diffprune.family.models import make_scheduler
 
 CONTEXT = 24  # width of the label embedding / text encoder
 IMAGE = 8  # pixel side of the tiny data

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from diffprune.atomic import atomic_dir, atomic_file, environment_error
-from diffprune.errors import OutputWriteError
+from diffprune.common.atomic import atomic_dir, atomic_file, environment_error
+from diffprune.common.errors import OutputWriteError
 
 
 class SafetensorError(Exception):  # the name safetensors' Rust extension gives its error type

@@ -3,7 +3,7 @@
 import numpy as np
 from families import tiny_tokenizer
 
-from diffprune.clip_score import clip_scorer
+from diffprune.evaluation.clip_score import clip_scorer
 
 
 def _tiny_clip(folder):

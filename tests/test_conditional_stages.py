@@ -11,11 +11,18 @@ import yaml
 from families import tiny_family
 from mlflow.tracking import fluent
 
-from diffprune import stages
-from diffprune.config import DataParams, FinetuneParams, PruneParams, RegisterParams, ScoreParams, TeacherParams
+from diffprune.evaluation.report import headline
+from diffprune.family.models import load_diffusion
 from diffprune.flows.cli import main
-from diffprune.models import load_diffusion
-from diffprune.report import headline
+from diffprune.pipeline import stages
+from diffprune.pipeline.stage_params import (
+    DataParams,
+    FinetuneParams,
+    PruneParams,
+    RegisterParams,
+    ScoreParams,
+    TeacherParams,
+)
 from tiny import TINY_PARAMS, tiny_eval, tiny_train
 
 
@@ -69,7 +76,7 @@ def test_a_stable_diffusion_folder_goes_through_every_stage_and_generates_from_a
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("text", artifact_location=(tmp_path / "art").as_uri())
     mlflow.set_experiment(experiment_id=experiment)
-    from diffprune.tasks.registry import register
+    from diffprune.tracking.register import register
 
     summary = headline(summaries)
     assert summary["family"] == "latent-text"
@@ -122,7 +129,7 @@ def test_a_negative_guidance_scale_is_refused_naming_the_key(project, capsys):
 def test_a_teacher_folder_without_its_autoencoder_is_refused_before_anything_is_written(project, capsys, tmp_path):
     import shutil
 
-    from diffprune.models import save_diffusion
+    from diffprune.family.models import save_diffusion
 
     save_diffusion(tiny_family("latent-class", tmp_path), tmp_path / "m")
     shutil.rmtree(tmp_path / "m" / "vae")

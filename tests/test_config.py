@@ -3,10 +3,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffprune.config import ArchParams, Params, load_params
-from diffprune.errors import DiffpruneError
-from diffprune.params_file import main as params_file_main
-from diffprune.params_file import render
+from diffprune.common.errors import DiffpruneError
+from diffprune.pipeline.config import Params, load_params
+from diffprune.pipeline.params_file import main as params_file_main
+from diffprune.pipeline.params_file import render
+from diffprune.pipeline.stage_params import ArchParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_code_defaults_are_the_shipped_params_yaml():
     assert load_params(ROOT / "params.yaml") == Params()
     assert params_file_main(["--check", "--file", str(ROOT / "params.yaml")]) == 0, \
-        "params.yaml is generated: run `python -m diffprune.params_file`"
+        "params.yaml is generated: run `python -m diffprune.pipeline.params_file`"
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(shipped) == {f.alias or n for n, f in Params.model_fields.items()}, "every group is written out"
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffprune.errors import DiffpruneError
-from diffprune.evaluation import evaluate_pair
-from diffprune.models import make_scheduler
-from diffprune.sampling import sample
-from diffprune.training import train
+from diffprune.common.errors import DiffpruneError
+from diffprune.evaluation.compare import evaluate_pair
+from diffprune.evaluation.sampling import sample
+from diffprune.family.models import make_scheduler
+from diffprune.training.loop import train
 from tiny import tiny_eval, tiny_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffprune.config import DataParams
-from diffprune.data import load_prepared, prepare_dataset
-from diffprune.errors import DiffpruneError
+from diffprune.common.errors import DiffpruneError
+from diffprune.data.datasets import load_prepared, prepare_dataset
+from diffprune.pipeline.stage_params import DataParams
 
 
 def test_digits_prepared_with_fixed_split(tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffprune.fingerprint import dir_digest
-from diffprune.stage_table import NAMES
+from diffprune.pipeline.fingerprint import dir_digest
+from diffprune.pipeline.table import NAMES
 from tiny import TINY_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]

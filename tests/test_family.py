@@ -10,10 +10,10 @@ import pytest
 import torch
 from families import CONTEXT, tiny_family
 
-from diffprune.errors import DiffpruneError
-from diffprune.family import Diffusion
-from diffprune.models import load_diffusion, save_diffusion
-from diffprune.sampling import generate
+from diffprune.common.errors import DiffpruneError
+from diffprune.evaluation.sampling import generate
+from diffprune.family.diffusion import Diffusion
+from diffprune.family.models import load_diffusion, save_diffusion
 
 KINDS = {"pixel": "pixel-unconditional", "latent-vq": "latent-unconditional", "pixel-class": "pixel-class",
          "latent-class": "latent-class", "latent-text": "latent-text"}
@@ -134,7 +134,7 @@ def test_latent_encode_decode_round_trip_shapes(tmp_path):
 
 def test_latents_are_never_clipped_while_sampling(tmp_path):
     """Clipping x0 to [-1, 1] is right for pixels and destroys latents (unit variance, unbounded)."""
-    from diffprune.sampling import make_sampler
+    from diffprune.evaluation.sampling import make_sampler
 
     pixel, latent = tiny_family("pixel", tmp_path), tiny_family("latent-class", tmp_path)
     assert pixel.scheduler.config.clip_sample and latent.scheduler.config.clip_sample

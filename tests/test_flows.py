@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from diffprune.stage_table import NAMES
+from diffprune.pipeline.table import NAMES
 from tiny import flow_params
 
 STAGES = list(NAMES)
@@ -177,8 +177,8 @@ def test_sweep_fans_out_on_a_local_dask_cluster_and_shares_scores(project):
 
 
 def test_sweep_branches_pair_by_seed_and_vary_the_score_only_where_it_has_a_gradient_pass():
-    from diffprune.config import Params
     from diffprune.flows.sweep import branch_changes, branches
+    from diffprune.pipeline.config import Params
 
     params = Params(sweep={"criteria": ["diff-pruning", "taylor", "magnitude"], "thresholds": [0.05],
                            "seeds": [0, 1], "variants": ["diffusers", "paper"], "score_batches": [1, 4]})
@@ -194,8 +194,8 @@ def test_sweep_branches_pair_by_seed_and_vary_the_score_only_where_it_has_a_grad
 
 
 def test_a_tracking_outage_after_finetune_keeps_the_stages_and_the_next_run_records_them(project, monkeypatch):
-    from diffprune.flows.steps import TrackingLost
-    from diffprune.tasks.tracking import Tracker
+    from diffprune.flows.context import TrackingLost
+    from diffprune.tracking.runs import Tracker
 
     params_file = _write(project)
     log_stage = Tracker.log_stage
@@ -223,8 +223,8 @@ def test_a_tracking_outage_after_finetune_keeps_the_stages_and_the_next_run_reco
 def test_a_full_disk_in_a_stage_of_the_flow_is_one_line_exit_3(project, monkeypatch, capfd):
     import errno
 
-    import diffprune.stages
-    from diffprune.atomic import atomic_dir
+    import diffprune.pipeline.stages
+    from diffprune.common.atomic import atomic_dir
     from diffprune.flows.cli import main
 
     params_file = _write(project)
@@ -234,7 +234,7 @@ def test_a_full_disk_in_a_stage_of_the_flow_is_one_line_exit_3(project, monkeypa
             (tmp / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "diffusion_pytorch_model.safetensors"))
 
-    monkeypatch.setattr(diffprune.stages, "prune", disk_full)
+    monkeypatch.setattr(diffprune.pipeline.stages, "prune", disk_full)
     assert main(["run", "--params", params_file]) == 3
     err = capfd.readouterr().err
     assert "Traceback" not in err

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffprune.importance import accumulate_gradients
-from diffprune.models import make_scheduler
-from diffprune.seeding import derive_seed
-from diffprune.tensors import images_to_tensor
+from diffprune.common.runtime import derive_seed
+from diffprune.family.diffusion import images_to_tensor
+from diffprune.family.models import make_scheduler
+from diffprune.pruning.importance import accumulate_gradients
 
 
 def _pass(unet, digits, criterion, thr, T=100):

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffprune import inference
-from diffprune.config import FastPathParams
-from diffprune.family import Diffusion
-from diffprune.metrics import latency_pair
-from diffprune.models import load_pipeline, make_scheduler
-from diffprune.sampling import generate
+from diffprune.evaluation.metrics import latency_pair
+from diffprune.evaluation.sampling import generate
+from diffprune.family import fast_path as inference
+from diffprune.family.diffusion import Diffusion
+from diffprune.family.models import load_pipeline, make_scheduler
+from diffprune.pipeline.stage_params import FastPathParams
 
 KW = dict(steps=8, batch_size=6, progress=False)
 

@@ -47,7 +47,7 @@ def test_outside_the_checkout_only_the_project_name_is_importable(tmp_path):
         proc = subprocess.run([sys.executable, "-c", f"import {generic}"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and "No module named" in proc.stderr, generic
-    probe = ("import sys, diffprune.cli, diffprune.stage_table, diffprune.tasks.store, diffprune.flows.cli; "
+    probe = ("import sys, diffprune.pipeline.cli, diffprune.pipeline.table, diffprune.tasks.store, diffprune.flows.cli; "
              "print('prefect' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -60,8 +60,8 @@ def test_outside_the_checkout_only_the_project_name_is_importable(tmp_path):
 
 
 def test_the_stage_cli_is_the_library_s_own():
-    from diffprune.cli import build_parser
-    from diffprune.stage_table import LIBRARY
+    from diffprune.pipeline.cli import build_parser
+    from diffprune.pipeline.table import LIBRARY
 
     subs = build_parser()._subparsers._group_actions[0].choices
     assert list(subs) == [s.name for s in LIBRARY], "python -m diffprune runs library stages only"

@@ -6,7 +6,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from diffprune.tasks.lineage import dataset, log_dataset
+from diffprune.tracking.lineage import dataset, log_dataset
 
 
 def _prepared(tmp_path):

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffprune.family import Diffusion
-from diffprune.macs import macs_and_params
-from diffprune.metrics import fid_reference, latency_pair, ssim
-from diffprune.models import make_scheduler
-from diffprune.sampling import save_pngs
+from diffprune.evaluation.metrics import fid_reference, latency_pair, ssim
+from diffprune.evaluation.sampling import save_pngs
+from diffprune.family.diffusion import Diffusion
+from diffprune.family.models import make_scheduler
+from diffprune.pruning.macs import macs_and_params
 from tiny import tiny_eval
 
 
@@ -34,8 +34,8 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits, refere
 def test_reference_is_cached_and_names_its_extractor(digits, reference, fid_cache, tmp_path, monkeypatch):
     """A second call on the same cache folder trains no classifier, extracts no features and rewrites no file:
     it loads the first call's extractor and statistics (same features for the same input, same mu/sigma)."""
-    import diffprune.features
-    import diffprune.metrics
+    import diffprune.evaluation.features
+    import diffprune.evaluation.metrics
 
     def recomputed(*args, **kwargs):
         raise AssertionError("the cached classifier or statistics were computed again")
@@ -45,8 +45,8 @@ def test_reference_is_cached_and_names_its_extractor(digits, reference, fid_cach
 
     before = snapshot()
     assert any(p.name == "classifier.safetensors" for p in before) and any(p.name == "train_mu.npy" for p in before)
-    monkeypatch.setattr(diffprune.features, "_train_classifier", recomputed)
-    monkeypatch.setattr(diffprune.metrics.FidReference, "features", recomputed)
+    monkeypatch.setattr(diffprune.evaluation.features, "_train_classifier", recomputed)
+    monkeypatch.setattr(diffprune.evaluation.metrics.FidReference, "features", recomputed)
     with pytest.raises(AssertionError, match="computed again"):  # the patches bite where nothing is cached
         fid_reference(digits, tiny_eval(tmp_path / "empty"), torch.device("cpu"))
     again = fid_reference(digits, tiny_eval(fid_cache), torch.device("cpu"))
@@ -90,7 +90,7 @@ def test_inception_requested_offline_without_weights_says_where_to_put_them(digi
 
     import cleanfid.downloads_helper
 
-    from diffprune.errors import DiffpruneError
+    from diffprune.common.errors import DiffpruneError
 
     def offline(fpath):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -111,7 +111,7 @@ def test_auto_extractor_falls_back_to_the_classifier_without_weights(digits, tmp
 def test_frechet_distance_matches_the_sqrtm_formula():
     from scipy import linalg
 
-    from diffprune.metrics import frechet_distance
+    from diffprune.evaluation.metrics import frechet_distance
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 16)), rng.normal(0.3, 1.2, size=(300, 16)) @ rng.normal(size=(16, 16))

@@ -2,9 +2,9 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from diffprune import models
-from diffprune.errors import DiffpruneError
-from diffprune.models import BUILTIN_TEACHER, load_model, load_pretrained, make_scheduler, save_model
+from diffprune.common.errors import DiffpruneError
+from diffprune.family import models
+from diffprune.family.models import BUILTIN_TEACHER, load_model, load_pretrained, make_scheduler, save_model
 
 
 def test_save_load_roundtrip_is_exact(tiny_unet, tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from diffprune.paired import holm, methods_table, paired, per_seed_table, render, seeds_needed
+from diffprune.evaluation.paired import holm, methods_table, paired, per_seed_table, render, seeds_needed
 
 
 def _rows(method, fids, target=0.6):

@@ -6,8 +6,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from diffprune.paper_taylor import PaperTaylorImportance
-from diffprune.pruning import _lowest_per_chunk, plan_pruning
+from diffprune.pruning.paper_taylor import PaperTaylorImportance
+from diffprune.pruning.structural import _lowest_per_chunk, plan_pruning
 
 
 class ConvNormConv(nn.Module):
@@ -50,9 +50,9 @@ def test_score_is_the_sum_of_squared_weight_terms_plus_the_groupnorm_scale_term(
 
 def test_the_variant_picks_its_own_channels(trained_tiny, digits):
     """Same gradients, two scores: the paper's squares rank some group's channels differently."""
-    from diffprune.importance import accumulate_gradients
-    from diffprune.models import make_scheduler
-    from diffprune.tensors import images_to_tensor
+    from diffprune.family.diffusion import images_to_tensor
+    from diffprune.family.models import make_scheduler
+    from diffprune.pruning.importance import accumulate_gradients
 
     unet = copy.deepcopy(trained_tiny)
     result = accumulate_gradients(unet, make_scheduler(100), [images_to_tensor(digits.train[:8])], "taylor", 0.0,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 
-from diffprune.errors import DiffpruneError
-from diffprune.models import load_model, load_pipeline, make_scheduler, save_model
-from diffprune.pruning import prune_unet
+from diffprune.common.errors import DiffpruneError
+from diffprune.family.models import load_model, load_pipeline, make_scheduler, save_model
+from diffprune.pruning.structural import prune_unet
 
 
 @pytest.fixture

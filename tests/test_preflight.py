@@ -49,8 +49,8 @@ def test_a_dead_tracking_server_from_params(params_file, capsys):
 
 
 def test_tracking_off_skips_the_check(params_file, monkeypatch):
-    from diffprune.config import load_params
     from diffprune.flows import preflight
+    from diffprune.pipeline.config import load_params
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
     preflight.tracking(load_params(params_file, ["tracking.enabled=false"]))

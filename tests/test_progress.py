@@ -4,8 +4,8 @@ import io
 
 from tqdm.auto import tqdm as live_tqdm
 
-from diffprune import progress
-from diffprune.progress import LogLines, bar
+from diffprune.common import progress
+from diffprune.common.progress import LogLines, bar
 
 
 def _lines(stream: io.StringIO) -> list[str]:

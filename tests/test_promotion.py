@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from diffprune.config import RegisterParams
-from diffprune.promotion import GateResult, gate, version_tags
+from diffprune.pipeline.stage_params import RegisterParams
+from diffprune.tracking.promotion import GateResult, gate, version_tags
 
 PARAMS = RegisterParams(max_fid_ratio=1.3, max_macs_ratio=0.6, champion_margin=0.05)
 GOOD = {"fid_ratio": 1.1, "macs_ratio": 0.5}

@@ -7,12 +7,19 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from families import CONTEXT as CONTEXT_WIDTH
 from torch import nn
 
-from diffprune.importance import accumulate_gradients
-from diffprune.macs import macs_and_params
-from diffprune.models import make_scheduler
-from diffprune.pruning import _lowest_per_chunk, layer_widths, plan_pruning, prune_to_macs, prune_unet, reinitialise
-from diffprune.tensors import images_to_tensor
-from diffprune.training import train
+from diffprune.family.diffusion import images_to_tensor
+from diffprune.family.models import make_scheduler
+from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.macs import macs_and_params
+from diffprune.pruning.structural import (
+    _lowest_per_chunk,
+    layer_widths,
+    plan_pruning,
+    prune_to_macs,
+    prune_unet,
+    reinitialise,
+)
+from diffprune.training.loop import train
 from tiny import tiny_train
 
 

@@ -11,8 +11,8 @@ import torch
 from mlflow.tracking import fluent
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from diffprune.config import FastPathParams, RegisterParams
-from diffprune.tasks.registry import load_champion, register
+from diffprune.pipeline.stage_params import FastPathParams, RegisterParams
+from diffprune.tracking.register import load_champion, register
 
 NAME = "diffprune-test"
 PARAMS = RegisterParams(model_name=NAME, predict_steps=2)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from diffprune.models import make_scheduler
-from diffprune.sampling import grid, paired_grid, sample, save_pngs
+from diffprune.evaluation.sampling import grid, paired_grid, sample, save_pngs
+from diffprune.family.models import make_scheduler
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffprune import stages
-from diffprune.config import DataParams, FinetuneParams, Params, PruneParams, ScoreParams, TeacherParams
-from diffprune.data import load_prepared
-from diffprune.models import ASSETS, count_params, load_model
-from diffprune.stage_table import LIBRARY, METRICS, STAGES
+from diffprune.data.datasets import load_prepared
+from diffprune.family.models import ASSETS, count_params, load_model
+from diffprune.pipeline import stages
+from diffprune.pipeline.config import Params
+from diffprune.pipeline.stage_params import DataParams, FinetuneParams, PruneParams, ScoreParams, TeacherParams
+from diffprune.pipeline.table import LIBRARY, METRICS, STAGES
 from tiny import TINY_ARCH, tiny_eval, tiny_train
 
 
@@ -66,8 +67,8 @@ def test_builtin_teacher_creates_the_declared_checkpoint_folder(tmp_path):
 
 @pytest.mark.skipif(not (ASSETS / "latent-digits32" / "unet").is_dir(), reason="latent teacher not trained yet")
 def test_builtin_latent_teacher_caches_the_training_latents_it_encodes(tmp_path):
-    from diffprune.latents import LATENTS_FILE, training_inputs
-    from diffprune.models import load_diffusion
+    from diffprune.family.latents import LATENTS_FILE, training_inputs
+    from diffprune.family.models import load_diffusion
 
     stages.prepare(DataParams(resolution=32, max_images=60), out=tmp_path / "data", metrics=tmp_path / METRICS)
     info = stages.teacher(TeacherParams(builtin="latent-digits32"), data=tmp_path / "data",

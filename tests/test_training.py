@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from diffprune.checkpoint import list_checkpoints
-from diffprune.errors import DiffpruneError
-from diffprune.models import build_unet, make_scheduler
-from diffprune.training import train
+from diffprune.common.errors import DiffpruneError
+from diffprune.family.models import build_unet, make_scheduler
+from diffprune.training.checkpoint import list_checkpoints
+from diffprune.training.loop import train
 from tiny import TINY_ARCH, tiny_train
 
 
@@ -147,7 +147,7 @@ def test_a_label_embedding_trains_with_the_unet_while_the_teachers_stays_put(tmp
 
     from families import tiny_family
 
-    from diffprune.errors import DiffpruneError
+    from diffprune.common.errors import DiffpruneError
 
     student = tiny_family("pixel-class", tmp_path)
     teacher = copy.deepcopy(student)

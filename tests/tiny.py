@@ -1,6 +1,6 @@
 """Tiny configurations shared by the tests (a module, not conftest, so tests can import it)."""
 
-from diffprune.config import ArchParams, DataParams, EvaluateParams, ExtractorParams, TrainParams
+from diffprune.pipeline.stage_params import ArchParams, DataParams, EvaluateParams, ExtractorParams, TrainParams
 
 TINY_ARCH = ArchParams(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=4)
 TINY_DATA = DataParams(resolution=8, max_images=240)

@@ -1,0 +1,278 @@
+"""The one training loop: trains the teacher from scratch and fine-tunes pruned students.
+
+ε-prediction DDPM loss, Adam/AdamW at a constant LR (optional linear warm-up), EMA, gradient
+clipping, optional distillation (target = w·ε_teacher + (1−w)·ε, as the paper's KD loss),
+mixed precision on CUDA and data parallelism through accelerate.
+
+Randomness is counter-based: every draw at step s on rank r comes from a generator seeded with
+(seed, s, r), and the data order of epoch e from (seed, e). The RNG state is therefore a function
+of the step stored in each checkpoint, and resuming reproduces an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from diffusers import DDPMScheduler
+
+from diffprune.common.atomic import atomic_file
+from diffprune.common.errors import DiffpruneError
+from diffprune.common.progress import bar as progress_bar
+from diffprune.common.runtime import derive_seed
+from diffprune.family.diffusion import Diffusion, denoise, images_to_tensor
+from diffprune.family.models import model_hash
+from diffprune.pipeline.config import resumable_fields
+from diffprune.pipeline.stage_params import TrainParams
+from diffprune.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the denoiser's EMA weights, on the CPU
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    world_size: int = 1
+    condition: torch.nn.Module | None = None  # the label embedding's EMA weights when trained with the unet
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last 50 steps: one step's loss is too noisy to report."""
+        tail = self.losses[-50:]
+        return float(sum(tail) / len(tail)) if tail else float("nan")
+
+
+def train(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    images: np.ndarray | torch.Tensor,
+    params: TrainParams,
+    ckpt_root: str | Path,
+    *,
+    teacher: torch.nn.Module | None = None,
+    distill_weight: float = 0.0,
+    fingerprint_extra: str = "",
+    on_checkpoint: Callable[[int], None] | None = None,
+    family: Diffusion | None = None,
+    conditions: np.ndarray | list | None = None,
+    condition_dropout: float = 0.0,
+    train_condition: bool = False,
+    teacher_family: Diffusion | None = None,
+) -> TrainResult:
+    """Train ``unet`` on ``images`` for ``params.steps`` steps, resuming from ``ckpt_root`` if possible.
+
+    ``images``: NHWC uint8 pixels, or model inputs x0 (NCHW float, e.g. cached latents). A conditional
+    ``family`` trains on ``conditions[i]`` for input ``i``, replaced by the null condition with probability
+    ``condition_dropout`` (what classifier-free guidance needs); its frozen conditioner embeds them, or,
+    with ``train_condition``, a label embedding is trained together with the unet. The ``teacher``
+    embeds conditions with ``teacher_family``'s conditioner (default: the student's, when it is frozen).
+
+    Checkpoints live under ``ckpt_root/<fingerprint>/`` where the fingerprint covers everything that
+    changes the result (params minus run length, architecture, data, world size), so a changed
+    recipe never resumes from a stale checkpoint.
+    """
+    cpu = params.device == "cpu" or not torch.cuda.is_available()
+    if params.device == "cuda" and not torch.cuda.is_available():
+        raise DiffpruneError("device 'cuda' requested but no CUDA device is available")
+    if params.mixed_precision == "fp16" and cpu:
+        raise DiffpruneError("mixed_precision 'fp16' needs a CUDA device; use 'no' (or 'bf16') on CPU")
+    if len(images) == 0:
+        raise DiffpruneError("no training images")
+    # One process may train several models with different precisions (tests, Prefect tasks); the
+    # process-group part of accelerate's state survives the reset, so data parallelism is unaffected.
+    AcceleratorState._reset_state()
+    accel = Accelerator(cpu=cpu, mixed_precision=params.mixed_precision)
+    rank, world = accel.process_index, accel.num_processes
+    data = images_to_tensor(images) if isinstance(images, np.ndarray) else images.float()
+    conditional = family is not None and family.conditional
+    if conditional and (conditions is None or len(conditions) != len(data)):
+        raise DiffpruneError(f"a {family.family} model needs one condition per training input ({len(data)})")
+    extra = [fingerprint_extra, condition_dropout, train_condition] if conditional else fingerprint_extra
+    ckpt_dir = Path(ckpt_root) / _fingerprint(unet, params, images, world, extra)
+    joint = conditional and train_condition
+    if joint:
+        if family.condition.kind != "class":
+            raise DiffpruneError("only a label embedding can be trained with the unet (text encoders stay frozen)")
+        if teacher is not None and teacher_family is None:
+            raise DiffpruneError("distilling while the label embedding trains needs the teacher's own conditioner")
+        unet = _WithLabels(unet, family.condition.module.requires_grad_(True))
+
+    unet = unet.to(accel.device).train()
+    ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
+    opt_cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(unet.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    start, losses, resumed = 0, [], None
+    if existing := list_checkpoints(ckpt_dir):
+        model_sd, ema_sd, opt_sd, state = load_checkpoint(existing[-1])
+        _load_weights(unet, model_sd, existing[-1])
+        ema = {k: v.to(accel.device) for k, v in ema_sd.items()}
+        optimizer.load_state_dict(opt_sd)
+        start, losses, resumed = state["step"], state["losses"], state["step"]
+    if start > params.steps:
+        raise DiffpruneError(f"{existing[-1]}: checkpoint is past steps={params.steps}; raise steps or delete it")
+    model, optimizer = accel.prepare(unet, optimizer)
+    if teacher is not None:
+        teacher = teacher.to(accel.device).eval().requires_grad_(False)
+    alphas = scheduler.alphas_cumprod.to(accel.device)
+    T = scheduler.config.num_train_timesteps
+    perms: dict[int, torch.Tensor] = {}
+
+    bar = progress_bar(total=params.steps, initial=start, desc="train", disable=not accel.is_main_process, unit="step")
+    t0 = time.perf_counter()
+    for step in range(start, params.steps):
+        gen = torch.Generator().manual_seed(derive_seed(params.seed, step, rank))
+        torch.manual_seed(derive_seed(params.seed, step, rank, 1))  # dropout draws from the global RNG
+        idx = _batch_indices(step, rank, world, params, len(data), perms)
+        x0 = data[idx]
+        if params.flip:
+            flips = torch.rand(len(idx), generator=gen) < 0.5
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+        t = _timesteps(len(idx), T, params.antithetic, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        values = _conditions(family, conditions, idx, condition_dropout, gen) if conditional else None
+        x0, t, noise = x0.to(accel.device), t.to(accel.device), noise.to(accel.device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in optimizer.param_groups:
+            group["lr"] = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
+        with accel.autocast():
+            context = family.context(values, accel.device) if conditional and not joint else None
+            if joint:
+                pred = model(xt, t, torch.as_tensor(np.asarray(values), device=accel.device))
+            else:
+                pred = denoise(model, xt, t, context)
+            target = noise
+            if teacher is not None and distill_weight > 0:
+                with torch.no_grad():
+                    if teacher_family is not None and conditional:  # its own conditioner; else the frozen shared one
+                        context = teacher_family.context(values, accel.device)
+                    target = distill_weight * denoise(teacher, xt, t, context).float() + (1 - distill_weight) * noise
+            loss = F.mse_loss(pred.float(), target)
+        if not torch.isfinite(loss):
+            raise DiffpruneError(f"training diverged at step {step} (loss {loss.item()}); lower lr or enable grad_clip")
+        accel.backward(loss)
+        if params.grad_clip:
+            accel.clip_grad_norm_(model.parameters(), params.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _ema_update(ema, accel.unwrap_model(model), params, step)
+        losses.append(accel.gather(loss.detach()[None]).mean().item())
+        bar.update(1)
+        if (step + 1) % params.log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-params.log_every:]):.4f}")
+        done = step + 1
+        if done % params.checkpoint_every == 0 or done == params.steps:
+            if accel.is_main_process:
+                state = {"losses": losses, "seed": params.seed, "world_size": world}
+                save_checkpoint(
+                    ckpt_dir, done, accel.unwrap_model(model).state_dict(), ema,
+                    optimizer.state_dict(), state, params.keep_checkpoints,
+                )
+            accel.wait_for_everyone()
+            if on_checkpoint is not None:
+                on_checkpoint(done)
+    bar.close()
+    final = copy.deepcopy(accel.unwrap_model(model)).cpu().eval()
+    dtype = next(final.parameters()).dtype
+    final.load_state_dict({k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in ema.items()})
+    seconds = time.perf_counter() - t0
+    if joint:
+        return TrainResult(final.unet, losses, params.steps, resumed, seconds, world,
+                           final.embedding.requires_grad_(False))
+    return TrainResult(final, losses, params.steps, resumed, seconds, world)
+
+
+class _WithLabels(torch.nn.Module):
+    """A unet and the label embedding that feeds its cross-attention, trained as one module."""
+
+    def __init__(self, unet: torch.nn.Module, embedding: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet, self.embedding = unet, embedding
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=self.embedding(labels)).sample
+
+
+def _conditions(family: Diffusion, conditions, idx: torch.Tensor, dropout: float, gen: torch.Generator) -> list:
+    """The batch's conditions, each replaced by the null condition with probability ``dropout``."""
+    values = [conditions[i] for i in idx.tolist()]
+    if dropout > 0:
+        drop = (torch.rand(len(values), generator=gen) < dropout).tolist()
+        values = [family.condition.null() if d else v for v, d in zip(values, drop, strict=True)]
+    return values
+
+
+def write_loss_history(losses: list[float], path: str | Path) -> None:
+    """CSV (step, loss) that ``dvc plots`` and spreadsheets read directly."""
+    with atomic_file(path) as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "loss"])
+        writer.writerows((i + 1, f"{v:.6f}") for i, v in enumerate(losses))
+
+
+def is_main_process() -> bool:
+    """Rank 0 under ``accelerate launch``/``torchrun``; always true in a single process."""
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def _timesteps(n: int, T: int, antithetic: bool, gen: torch.Generator) -> torch.Tensor:
+    if not antithetic:
+        return torch.randint(0, T, (n,), generator=gen)
+    half = torch.randint(0, T, (n // 2 + 1,), generator=gen)
+    return torch.cat([half, T - 1 - half])[:n]
+
+
+def _batch_indices(step: int, rank: int, world: int, params: TrainParams, n: int, perms: dict) -> torch.Tensor:
+    """Rank ``rank``'s slice of the global batch at ``step``: epochs are seeded permutations."""
+    start = (step * world + rank) * params.batch_size
+    pos = torch.arange(start, start + params.batch_size)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty_like(pos)
+    for epoch in epochs.unique().tolist():
+        if epoch not in perms:
+            perms.clear()  # only the current and next epoch are ever needed
+            gen = torch.Generator().manual_seed(derive_seed(params.seed, epoch, -1))
+            perms[epoch] = torch.randperm(n, generator=gen)
+        mask = epochs == epoch
+        out[mask] = perms[epoch][offsets[mask]]
+    return out
+
+
+def _ema_update(ema: dict, model: torch.nn.Module, params: TrainParams, step: int) -> None:
+    decay = params.ema_decay
+    if params.ema_warmup:
+        decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema[name].mul_(decay).add_(value.float(), alpha=1 - decay)
+            else:
+                ema[name].copy_(value)
+
+
+def _load_weights(model: torch.nn.Module, sd: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError:
+        raise DiffpruneError(f"{path}: checkpoint weights do not fit this model; delete it to start over") from None
+
+
+def _fingerprint(unet: torch.nn.Module, params: TrainParams, images, world: int, extra) -> str:
+    recipe = {k: v for k, v in params.model_dump().items() if k not in resumable_fields(type(params))}
+    h = hashlib.sha256(json.dumps([recipe, model_hash(unet), world, extra], sort_keys=True, default=str).encode())
+    data = images if isinstance(images, np.ndarray) else images.detach().cpu().contiguous().numpy()
+    h.update(hashlib.sha256(data.tobytes()).digest())
+    return h.hexdigest()[:16]

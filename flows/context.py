@@ -1,32 +1,22 @@
-"""What every flow does around a task call: options from params, cache-hit logging, MLflow runs, reports."""
+"""The run context of a flow: validated params, the settings its stage tasks get, and what it does around
+every task call — retries from params, cache-hit logging, the nested MLflow run of each stage."""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
 
-from diffprune.common.atomic import atomic_file
 from diffprune.common.errors import DiffpruneError
-from diffprune.evaluation.report import HEADLINE_STAGES, headline
+from diffprune.evaluation.report import headline
 from diffprune.pipeline.config import Params, load_params
-from diffprune.pipeline.table import LIBRARY, STAGES, downstream
+from diffprune.pipeline.table import HEADLINE, LIBRARY, STAGES, downstream
 from diffprune.tasks import store
-from diffprune.tasks.stages import TASKS
+from diffprune.tasks.stages import TASKS, RunSettings
 
 T = TypeVar("T")
-
-
-def run_settings(params: Params) -> dict:
-    """The JSON-able settings every stage task receives (never part of a cache key)."""
-    o = params.orchestration
-    return {"store": str(Path(o.store).resolve()), "executor": o.executor, "timeouts_min": dict(o.timeouts_min),
-            "train_processes": o.train_processes, "max_workers": o.max_workers}
 
 
 def stage_params(params: Params, stage: str) -> dict:
@@ -58,12 +48,13 @@ class TrackingLost(DiffpruneError):
     exit_code = 4
 
 
-class Steps:
-    """Runs stage tasks with the configured retries, logs hits and misses, mirrors each stage to MLflow."""
+class RunContext:
+    """One flow run: runs stage tasks with the configured retries, logs hits and misses, mirrors each stage
+    to a nested MLflow run of the run's parent run (``tracker``; None when tracking is off or was lost)."""
 
     def __init__(self, params: Params, run_name: str):
         self.params, self.run_name = params, run_name
-        self.run = run_settings(params)
+        self.settings = RunSettings.of(params)
         self.hits: dict[str, bool] = {}
         self.keys: dict[str, str] = {}
         self.tracker = None
@@ -74,42 +65,44 @@ class Steps:
             self.tracker = Tracker(params.tracking, run_name, {**code_tags(), **prefect_tags()})
 
     @classmethod
-    def open(cls, params_file: str, overrides: list[str] | None, kind: str) -> Steps:
+    def open(cls, params_file: str, overrides: list[str] | None, kind: str) -> RunContext:
         """Validated params plus the MLflow parent run, named after the Prefect flow run."""
         return cls(load_params(params_file, overrides or []), str(flow_run.name or kind))
 
-    def chain(self, stages: tuple[str, ...], refs: dict | None = None) -> dict[str, dict]:
+    def run_stages(self, stages: tuple[str, ...], refs: dict | None = None) -> dict[str, dict]:
         """Run ``stages`` in table order, each fed by the references of the stages before it."""
         refs = dict(refs or {})
         for stage in stages:
-            refs[stage] = self.call(stage, wiring(stage, refs))
+            refs[stage] = self.run_stage(stage, wiring(stage, refs))
         return refs
 
-    def task(self, stage: str):
+    def stage_task(self, stage: str):
+        """The stage's Prefect task with the configured retries."""
         o = self.params.orchestration
         return TASKS[stage].with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s)
 
-    def call(self, stage: str, inputs: dict[str, dict], params: dict | None = None) -> dict:
-        state = self.task(stage)(params=params or stage_params(self.params, stage), inputs=inputs, run=self.run,
-                                 return_state=True)
+    def run_stage(self, stage: str, inputs: dict[str, dict], params: dict | None = None) -> dict:
+        """Run (or find cached) one stage and record it; returns its store reference."""
+        state = self.stage_task(stage)(params=params or stage_params(self.params, stage), inputs=inputs,
+                                       run=self.settings, return_state=True)
         ref = state.result()
-        self.note(stage, ref, state.name == "Cached")
+        self.record(stage, ref, state.name == "Cached")
         return ref
 
-    def note(self, stage: str, ref: dict, cached: bool, label: str | None = None) -> dict:
+    def record(self, stage: str, ref: dict, cached: bool, label: str | None = None) -> dict:
         """Log the outcome and mirror the stage to a nested MLflow run; returns its manifest."""
         label = label or stage
-        manifest = store.manifest_of(self.run["store"], ref)
+        manifest = store.manifest_of(self.settings.store, ref)
         self.hits[label], self.keys[label] = cached, ref["key"]
-        folder = store.folder(self.run["store"], ref)
+        folder = store.folder(self.settings.store, ref)
         get_run_logger().info("%s: %s (key %s, %s)", label, "cache hit" if cached else "computed", ref["key"], folder)
         tags = {"diffprune.cache_key": ref["key"], "diffprune.cache": "hit" if cached else "miss",
                 "diffprune.code_version": manifest.get("code", ""), "diffprune.label": label, **prefect_tags()}
-        self.track(label, lambda t: t.log_stage(stage, manifest["params"], manifest["summary"], folder / "metrics",
+        self.tracked(label, lambda t: t.log_stage(stage, manifest["params"], manifest["summary"], folder / "metrics",
                                                 folder / "output", tags, cached_key=ref["key"] if cached else None))
         return manifest
 
-    def track(self, what: str, call: Callable[[Any], T]) -> T | None:
+    def tracked(self, what: str, call: Callable[[Any], T]) -> T | None:
         """``call(tracker)`` unless tracking is off or lost. A tracking server that dies mid-run must not cost
         the run its stages: the first failure is logged once, tracking stops, and the stages go on (their
         outputs are cached either way); :meth:`lost_error` then tells how to record the run."""
@@ -144,31 +137,11 @@ class Steps:
                 tracker.log_text(report, "report.md")
             tracker.finish(ok)
 
-        self.track("finishing the run", close)
+        self.tracked("finishing the run", close)
 
 
 def summary_of(root: str, refs: dict[str, dict]) -> dict:
     """The headline numbers of one chain (references by stage) from the store at ``root``."""
-    return headline({stage: store.manifest_of(root, refs[stage])["summary"] for stage in HEADLINE_STAGES})
+    return headline({stage: store.manifest_of(root, refs[stage])["summary"] for stage in HEADLINE})
 
 
-def publish_report(markdown: str, grids: list[Path], key: str, out_file: Path) -> Path:
-    """The report as a Prefect markdown artifact, the grids as an image artifact, and a file on disk."""
-    create_markdown_artifact(markdown=markdown, key=key, description="teacher vs pruned model")
-    publish_grids({g.stem.replace("_", " "): g for g in grids}, f"{key}-samples")
-    with atomic_file(out_file) as fh:
-        fh.write(markdown)
-    return out_file
-
-
-def publish_grids(grids: dict[str, Path], key: str) -> None:
-    """Sample grids inlined as PNG data (the UI shows no local files; image artifacts need public URLs)."""
-    images = [f"### {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
-              for title, path in grids.items() if path.is_file()]
-    if images:
-        create_markdown_artifact(markdown="\n\n".join(images), key=key,
-                                 description="sample grids (same noise for teacher and pruned model)")
-
-
-def publish_table(rows: list[dict], key: str, description: str) -> None:
-    create_table_artifact(table=rows, key=key, description=description)

@@ -20,9 +20,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from diffprune.common.atomic import atomic_file, write_json
 from diffprune.evaluation import paired
 from diffprune.evaluation.report import branch_label, branch_method, comparison
-from diffprune.flows.context import Steps, publish_grids, publish_table, shared_stages, stage_params, summary_of, wiring
+from diffprune.flows.artifacts import publish_grids, publish_table
+from diffprune.flows.context import RunContext, shared_stages, stage_params, summary_of, wiring
 from diffprune.pipeline.config import Params, load_params
-from diffprune.pipeline.table import LIBRARY
+from diffprune.pipeline.table import LIBRARY, STAGES, SWEPT, TABLE
 from diffprune.pruning.criteria import CRITERIA
 from diffprune.tasks import store
 
@@ -48,24 +49,18 @@ def branches(params: Params) -> list[dict]:
     return out
 
 
-# The stages a branch changes; the others (the prepared data, the teacher) are computed once for all.
-VARIED = ("score", "prune", "finetune")
-
-
 def branch_changes(branch: dict) -> dict[str, dict]:
-    """What a branch sets in each varied stage's params."""
-    return {"score": {"criterion": branch["criterion"], "thr": branch["thr"], "variant": branch["variant"],
-                      "n_batches": branch["n_batches"], "seed": branch["seed"]},
-            "prune": {"pruning_ratio": None, "target_macs": branch["target_macs"], "seed": branch["seed"]},
-            "finetune": {"seed": branch["seed"]}}
+    """What a branch sets in each swept stage's params: the table's ``swept`` fields, from the branch's values
+    of the same name (a field the branch does not name is cleared: a MACs target replaces the ratio)."""
+    return {s.name: {field: branch.get(field) for field in s.swept} for s in TABLE if s.swept}
 
 
 @flow(name="diffprune-sweep", log_prints=True)
 def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    steps = Steps.open(params_file, overrides, "sweep")
-    params, run_name = steps.params, steps.run_name
+    ctx = RunContext.open(params_file, overrides, "sweep")
+    params, run_name = ctx.params, ctx.run_name
     try:
-        shared = steps.chain(shared_stages(VARIED))
+        shared = ctx.run_stages(shared_stages(SWEPT))
         submitted, chains = {}, []
         for b in branches(params):
             refs, chain, changes = dict(shared), {}, branch_changes(b)
@@ -75,22 +70,22 @@ def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
                 # Identical work is submitted once: a criterion is scored once per seed for every target.
                 sig = (stage, json.dumps(stage_args, sort_keys=True), tuple((n, id(v)) for n, v in inputs.items()))
                 if sig not in submitted:
-                    submitted[sig] = steps.task(stage).submit(params=stage_args, inputs=inputs, run=steps.run)
+                    submitted[sig] = ctx.stage_task(stage).submit(params=stage_args, inputs=inputs, run=ctx.settings)
                 refs[stage] = chain[stage] = submitted[sig]
             chains.append((b, chain))
         wait([f for _, chain in chains for f in chain.values()])
-        rows = [_row(steps, b, chain, shared) for b, chain in chains]
+        rows = [_row(ctx, b, chain, shared) for b, chain in chains]
         table = _publish(rows, params, run_name)
-        steps.finish(all(r.get("fid") is not None for r in rows), report=table["markdown"])
+        ctx.finish(all(r.get("fid") is not None for r in rows), report=table["markdown"])
     except BaseException:
-        steps.finish(False)
+        ctx.finish(False)
         raise
-    if (lost := steps.lost_error()) is not None:
+    if (lost := ctx.lost_error()) is not None:
         raise lost  # the comparison table is written; the tracking of it is incomplete
-    return {"rows": rows, "table": table["markdown"], "table_file": table["file"], "cache_hits": dict(steps.hits)}
+    return {"rows": rows, "table": table["markdown"], "table_file": table["file"], "cache_hits": dict(ctx.hits)}
 
 
-def _row(steps: Steps, branch: dict, chain: dict, shared: dict) -> dict:
+def _row(ctx: RunContext, branch: dict, chain: dict, shared: dict) -> dict:
     """One branch's headline numbers, or its failure (other branches still report)."""
     refs = dict(shared)
     for stage, future in chain.items():
@@ -99,9 +94,9 @@ def _row(steps: Steps, branch: dict, chain: dict, shared: dict) -> dict:
             get_run_logger().error("%s: %s failed: %s", branch["label"], stage, state.message)
             return {**branch, "failed_stage": stage, "error": str(state.message)}
         refs[stage] = future.result()
-        steps.note(stage, refs[stage], state.name == "Cached", label=f"{branch['label']}/{stage}")
-    grid = store.folder(steps.run["store"], refs["evaluate"]) / "output" / "grid_pairs.png"
-    return {**summary_of(steps.run["store"], refs), **branch, "grid": str(grid)}
+        ctx.record(stage, refs[stage], state.name == "Cached", label=f"{branch['label']}/{stage}")
+    grid = store.folder(ctx.settings.store, refs["evaluate"]) / "output" / STAGES["evaluate"].images[0]
+    return {**summary_of(ctx.settings.store, refs), **branch, "grid": str(grid)}
 
 
 def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
@@ -142,7 +137,7 @@ def task_runner(params: Params):
                                               "processes": True, "dashboard_address": ":0"})
     # A thread per task: waiting tasks hold their thread, so the pool must not be the cap on running
     # stages; orchestration.max_workers caps those (tasks/execute.py), inline stages run one at a time.
-    per_branch = len(LIBRARY) - len(shared_stages(VARIED))
+    per_branch = len(LIBRARY) - len(shared_stages(SWEPT))
     return ThreadPoolTaskRunner(max_workers=len(branches(params)) * per_branch)
 
 

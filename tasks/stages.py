@@ -20,45 +20,48 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 
-from diffprune.family.shipped import ASSETS, BUILTIN_TEACHER
-from diffprune.pipeline.config import group_model, unkeyed_fields
-from diffprune.pipeline.fingerprint import code_version, dir_digest
+from diffprune.pipeline.config import Params, group_model, unkeyed_fields
+from diffprune.pipeline.fingerprint import code_version
 from diffprune.pipeline.fingerprint import stage_key as hash_key
 from diffprune.pipeline.table import LIBRARY, STAGES, Stage
 from diffprune.tasks import store
 from diffprune.tasks.execute import StageInputError, StageTimeout, run_cli
 
-# Stages the orchestration layer runs itself (they talk to MLflow): the modules their code version covers.
-EDGE_CODE = {"register": ("diffprune.tracking.register", "diffprune.tracking.mlflow_model", "diffprune.tracking.promotion",
-                          "diffprune.evaluation.report")}
-
 
 def stage_code(stage: str) -> str:
     """The code version of any stage of the table, library or orchestration."""
-    return code_version(stage) if STAGES[stage].library else code_version(stage, EDGE_CODE[stage])
-
-
-def external_inputs(stage: str, params: dict) -> dict[str, str]:
-    """Digests of inputs that come from outside the store (an image folder, a local or shipped teacher)."""
-    if stage == "prepare" and params.get("dataset") == "imagefolder":
-        return {"images": dir_digest(params["path"])}
-    if stage == "teacher" and params.get("source") == "builtin":
-        return {"builtin": dir_digest(ASSETS / params.get("builtin", BUILTIN_TEACHER.name))}
-    if stage == "teacher" and params.get("source") == "pretrained":
-        ref = params["pretrained"]
-        return {"pretrained": dir_digest(ref) if Path(ref).is_dir() else f"hub:{ref}"}
-    if stage == "evaluate" and params.get("fid_extractor") != "classifier":
-        weights = Path(params["inception_path"])
-        return {"inception": dir_digest(weights) if weights.is_file() else "absent"}
-    return {}
+    return code_version(stage) if STAGES[stage].library else code_version(stage, STAGES[stage].code)
 
 
 def cache_key(root: str, stage: str, params: dict, refs: dict[str, dict], extra: dict | None = None) -> str:
     inputs = {name: store.manifest_of(root, ref)["output_digest"] for name, ref in refs.items()}
-    inputs.update(external_inputs(stage, params))
+    external = STAGES[stage].external  # inputs from outside the store, by content
+    inputs.update(external(params) if external else {})
     unkeyed = unkeyed_fields(group_model(stage))
     keyed = {k: v for k, v in params.items() if k not in unkeyed}
     return hash_key(stage, {**keyed, **(extra or {})}, inputs, stage_code(stage))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the stage tasks of one flow run execute: where the store is, how stages are run and bounded.
+    Passed to every stage task; never part of a cache key."""
+
+    store: str  # the content-addressed store's root (absolute)
+    executor: str  # "subprocess" (time limits enforced) or "inline"
+    timeouts_min: dict[str, float]  # wall-clock limit per stage
+    train_processes: int = 1  # training stages on N GPUs (accelerate launch)
+    max_workers: int | None = None  # stages running at once (a sweep)
+
+    @classmethod
+    def of(cls, params: Params) -> RunSettings:
+        o = params.orchestration
+        return cls(str(Path(o.store).resolve()), o.executor, dict(o.timeouts_min), o.train_processes, o.max_workers)
+
+    def checkpoints(self, stage: str) -> Path:
+        """A training stage's checkpoints: in the store, shared by every run of the stage (training
+        fingerprints its own checkpoint folders, so a different run never resumes from them)."""
+        return Path(self.store) / "_checkpoints" / stage
 
 
 @dataclass
@@ -68,12 +71,12 @@ class StageCachePolicy(CachePolicy):
     stage: str = ""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
-        run = inputs["run"]
-        key = cache_key(run["store"], self.stage, inputs["params"], inputs.get("inputs") or {}, inputs.get("extra"))
-        if store.lookup(run["store"], self.stage, key) is None and task_ctx.result_store.exists(key):
+        root = inputs["run"].store
+        key = cache_key(root, self.stage, inputs["params"], inputs.get("inputs") or {}, inputs.get("extra"))
+        if store.lookup(root, self.stage, key) is None and task_ctx.result_store.exists(key):
             get_run_logger().warning(
                 "%s: the cached result's outputs in %s are missing or damaged; recomputing",
-                self.stage, store.entry(run["store"], self.stage, key))
+                self.stage, store.entry(root, self.stage, key))
             return f"{key}-rebuild-{uuid.uuid4().hex[:8]}"
         return key
 
@@ -84,33 +87,34 @@ def _transient(task, task_run, state) -> bool:
     return not isinstance(exc, StageInputError | StageTimeout)
 
 
-def stage_argv(stage: Stage, params_file: Path, scratch: Path, inputs: dict[str, Path], run: dict) -> list[str]:
+def stage_argv(stage: Stage, params_file: Path, scratch: Path, inputs: dict[str, Path],
+               run: RunSettings) -> list[str]:
     """The stage's command line under the table's contract, its outputs in ``scratch``."""
     argv = [stage.name, "--params", str(params_file), "--out", str(scratch / "output"),
             "--metrics", str(scratch / "metrics")]
     for name, path in inputs.items():
         argv += [f"--{name}", str(path)]
-    if stage.trains:  # shared per stage: training fingerprints its own checkpoint folders
-        argv += ["--checkpoints", str(Path(run["store"]) / "_checkpoints" / stage.name)]
+    if stage.trains:
+        argv += ["--checkpoints", str(run.checkpoints(stage.name))]
     return argv
 
 
-def run_stage(stage: str, params: dict, refs: dict[str, dict], run: dict) -> dict:
+def run_stage(stage: str, params: dict, refs: dict[str, dict], run: RunSettings) -> dict:
     """Compute (or find) the stage's store entry for these params and inputs; return its reference."""
     entry = STAGES[stage]
-    key = cache_key(run["store"], stage, params, refs)
-    inputs = {name: store.folder(run["store"], ref) / "output" for name, ref in refs.items()}
+    key = cache_key(run.store, stage, params, refs)
+    inputs = {name: store.folder(run.store, ref) / "output" for name, ref in refs.items()}
 
     def build(scratch: Path) -> dict:
         params_file = scratch / "params.yaml"
         params_file.write_text(yaml.safe_dump({entry.params_key: params}, sort_keys=False))
-        processes = run.get("train_processes", 1) if entry.trains else 1
-        run_cli(stage_argv(entry, params_file, scratch, inputs, run), run["executor"],
-                run["timeouts_min"][stage] * 60, processes, run.get("max_workers"))
+        processes = run.train_processes if entry.trains else 1
+        run_cli(stage_argv(entry, params_file, scratch, inputs, run), run.executor,
+                run.timeouts_min[stage] * 60, processes, run.max_workers)
         return stage_summary(stage, scratch / "metrics")
 
     record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": stage_code(stage)}
-    _, built = store.publish(run["store"], stage, key, build, record)
+    _, built = store.publish(run.store, stage, key, build, record)
     get_run_logger().info("%s %s (key %s)", stage, "computed" if built else "found complete in the store", key)
     return store.reference(stage, key)
 
@@ -121,7 +125,7 @@ def stage_summary(stage: str, metrics_dir: Path) -> dict:
 
 
 def _stage_task(stage: Stage):
-    def run_task(params: dict, inputs: dict[str, dict], run: dict) -> dict:
+    def run_task(params: dict, inputs: dict[str, dict], run: RunSettings) -> dict:
         return run_stage(stage.name, params, inputs, run)
 
     run_task.__name__ = run_task.__qualname__ = f"stage_{stage.name}"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from diffprune.common.atomic import file_lock, refused_writes, write_json
-from diffprune.pipeline.fingerprint import dir_digest
+from diffprune.common.digests import dir_digest
 
 MANIFEST = "manifest.json"
 

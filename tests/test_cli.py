@@ -154,7 +154,7 @@ def test_a_file_size_limit_in_the_stage_process_is_one_line_and_loses_nothing(pr
     """`ulimit -f` (RLIMIT_FSIZE binds root too) while the teacher saves: exit 3, one line, the old model kept."""
     import resource
 
-    from diffprune.pipeline.fingerprint import dir_digest
+    from diffprune.common.digests import dir_digest
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for stage in ("prepare", "teacher"):

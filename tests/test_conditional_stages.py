@@ -76,11 +76,11 @@ def test_a_stable_diffusion_folder_goes_through_every_stage_and_generates_from_a
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("text", artifact_location=(tmp_path / "art").as_uri())
     mlflow.set_experiment(experiment_id=experiment)
-    from diffprune.tracking.register import register
+    from diffprune.tracking.register import register_version
 
     summary = headline(summaries)
     assert summary["family"] == "latent-text"
-    out = register(tmp_path / "finetuned", summary, RegisterParams(model_name="tiny-sd", max_fid_ratio=1e9,
+    out = register_version(tmp_path / "finetuned", summary, RegisterParams(model_name="tiny-sd", max_fid_ratio=1e9,
                                                                    max_macs_ratio=1.0, predict_steps=2))
     generator = mlflow.pyfunc.load_model(out["model_uri"])
     images = generator.predict([{"num_images": 2, "seed": 1, "prompt": "a digit 3"},

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffprune.pipeline.fingerprint import dir_digest
+from diffprune.common.digests import dir_digest
 from diffprune.pipeline.table import NAMES
 from tiny import TINY_PARAMS
 

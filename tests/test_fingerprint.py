@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from diffprune.pipeline.fingerprint import code_files, code_version, dir_digest, stage_key
+from diffprune.common.digests import dir_digest
+from diffprune.pipeline.fingerprint import code_files, code_version, stage_key
 from diffprune.pipeline.table import LIBRARY, NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,15 +151,15 @@ def test_code_versions_need_no_heavy_imports():
 
 
 def test_a_folder_is_read_once_per_process_but_changes_are_still_seen(tmp_path, monkeypatch):
-    from diffprune.pipeline import fingerprint
+    from diffprune.common import digests
 
     (tmp_path / "d").mkdir()
     f = tmp_path / "d" / "weights.bin"
     f.write_bytes(b"a" * 100)
     first = dir_digest(tmp_path / "d")
     reads = []
-    original = fingerprint.sha256_file
-    monkeypatch.setattr(fingerprint, "sha256_file", lambda p: reads.append(p) or original(p))
+    original = digests.sha256_file
+    monkeypatch.setattr(digests, "sha256_file", lambda p: reads.append(p) or original(p))
     assert dir_digest(tmp_path / "d") == first and reads == [], "unchanged: no file is read again"
     f.write_bytes(b"b" * 100)  # same size, new content (and modification time)
     assert dir_digest(tmp_path / "d") != first and reads

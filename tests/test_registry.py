@@ -12,7 +12,8 @@ from mlflow.tracking import fluent
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from diffprune.pipeline.stage_params import FastPathParams, RegisterParams
-from diffprune.tracking.register import load_champion, register
+from diffprune.tracking.register import load_champion
+from diffprune.tracking.register import register_version
 
 NAME = "diffprune-test"
 PARAMS = RegisterParams(model_name=NAME, predict_steps=2)
@@ -38,10 +39,10 @@ def registered(tiny_model_dir, tmp_path_factory):
             experiment = mlflow.create_experiment("registry-test", artifact_location=(root / "artifacts").as_uri())
             mp.setenv("MLFLOW_EXPERIMENT_ID", experiment)
             mlflow.set_experiment(experiment_id=experiment)
-            first = register(tiny_model_dir, GOOD, PARAMS)
+            first = register_version(tiny_model_dir, GOOD, PARAMS)
             with mlflow.start_run() as run:
                 pass
-            second = register(tiny_model_dir, WORSE, PARAMS, run_id=run.info.run_id)
+            second = register_version(tiny_model_dir, WORSE, PARAMS, run_id=run.info.run_id)
             yield first, second, run.info.run_id
         finally:
             mlflow.set_tracking_uri(previous)

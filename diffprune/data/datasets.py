@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from diffprune import __version__
-from diffprune.common.atomic import atomic_dir, sha256_file, write_json
+from diffprune.common.atomic import atomic_dir, write_json
+from diffprune.common.digests import sha256_file
 from diffprune.common.errors import DiffpruneError
 from diffprune.pipeline.stage_params import DataParams
 

@@ -6,16 +6,14 @@ flow, ``dvc repro`` with ``diffprune register``, the sweep — reports the same 
 
 from __future__ import annotations
 
+from diffprune.pipeline.table import HEADLINE
 from diffprune.pruning.criteria import method_label
-
-# The stages whose summaries the headline reads (a chain's references are named by stage).
-HEADLINE_STAGES = ("teacher", "score", "prune", "finetune", "evaluate")
 
 
 def headline(summaries: dict[str, dict]) -> dict:
     """Flat numbers of one pruned model from its stages' summaries (``{stage: metrics/<stage>.json}``):
     what registry tags, comparison tables and the CLI print."""
-    teacher, score, prune, finetune, evaluate = (summaries[s] for s in HEADLINE_STAGES)
+    teacher, score, prune, finetune, evaluate = (summaries[s] for s in HEADLINE)  # the table's headline stages
     t, p = evaluate["teacher"], evaluate["pruned"]
     return {
         "teacher": teacher.get("pretrained") or teacher.get("source"),

@@ -1,10 +1,12 @@
 """Pickle-free persistence of (possibly pruned) UNets: safetensors weights + a JSON architecture.
 
-Pruning changes module widths that a diffusers config cannot express (stack.md §5.3), so next to
-the base config we record, for every module that owns tensors or width attributes, its class, its
-integer width attributes and the shape of each tensor. Loading builds the base model from its
-config, resizes exactly those modules, and loads the weights strictly: an exact replica, and
-nothing is unpickled.
+Pruning changes module widths that a diffusers config cannot express: a config gives one width per
+block (``block_out_channels``) from which every layer's width is derived, while pruning gives each
+dependency group its own width (a ResNet's inner channels, an attention layer's inner width, the time
+embedding). So next to the base config we record, for every module that owns tensors or width
+attributes, its class, its integer width attributes and the shape of each tensor. Loading builds the
+base model from its config, resizes exactly those modules, and loads the weights strictly: an exact
+replica, and nothing is unpickled.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Content fingerprints: what a stage's cache key is made of (its params, its inputs' content, its code).
 
-A stage's code version covers what it runs and nothing more: its function in ``stages.py`` (and the
-private helpers it calls), the import closure of the modules those use, the source of its own params
-models, and the versions of the libraries that can change its numbers. ``config.py`` as a whole is
-not part of it — params enter a key by value — so editing the cron default re-runs nothing. The
+A stage's code version covers what it runs and nothing more: its function in ``stages.py`` (and every
+function, class or constant of that file it reaches), the import closure of the modules those use, the
+source of its own params models, and the versions of the libraries that can change its numbers. The
+params modules as a whole are not part of it — params enter a key by value — so editing the cron default
+re-runs nothing. The
 generated ``dvc.yaml`` lists the same files as each stage's deps. Paths never enter a key, only content.
 """
 
@@ -23,7 +24,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from diffprune.common.atomic import sha256_file
 from diffprune.pipeline import config
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -32,41 +32,6 @@ PROJECT = PACKAGE.parent
 NOT_CODE = frozenset({"diffprune.pipeline.config", "diffprune.pipeline.stage_params"})
 # Libraries whose version can change a stage's numbers.
 LIBRARIES = ("torch", "diffusers", "torch-pruning", "clean-fid", "accelerate", "numpy")
-
-
-def dir_digest(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
-    """sha256 over every file's relative path and content (a single file: its content).
-
-    ``exclude`` names top-level entries left out (a manifest that records the digest itself). Within one
-    process a folder is read once: later calls re-stat its files and reuse the digest while every file
-    keeps its size, modification time and inode (a run checks the same store entry several times; each
-    new process reads everything again, so a damaged entry is still caught by the next run).
-    """
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    if not path.is_dir():
-        raise FileNotFoundError(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in exclude)
-    signature = tuple((str(f), *_stat(f)) for f in files)
-    memo_key = (str(path.resolve()), exclude)
-    known = _DIGESTS.get(memo_key)
-    if known is not None and known[0] == signature:
-        return known[1]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode() + b"\n")
-    if signature == tuple((str(f), *_stat(f)) for f in files):  # unchanged while it was read
-        _DIGESTS[memo_key] = (signature, h.hexdigest())
-    return h.hexdigest()
-
-
-_DIGESTS: dict[tuple, tuple[tuple, str]] = {}
-
-
-def _stat(f: Path) -> tuple[int, int, int]:
-    st = f.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 @cache

@@ -4,6 +4,13 @@ One function per library stage of :mod:`diffprune.pipeline.table`, with its cont
 named as the table's inputs, ``out`` (written atomically), ``metrics`` (``<stage>.json``, the summary
 returned) and, for training stages, ``checkpoints``. The CLI (what ``dvc.yaml`` runs) and the Prefect
 tasks call these same functions; nothing here knows about orchestration or tracking.
+
+What enters a stage's cache key (:mod:`diffprune.pipeline.fingerprint`): its params by value (less the
+fields marked not keyed), its inputs by content, and its code — the source of its function here and of
+every function, class or constant of this file it reaches (public or private), the files of every project
+module those use (imported at the top or inside a function) and everything they import, the source of
+its params models, and the versions of the numeric libraries. A name the key cannot resolve makes the key
+computation fail (``UnseenName``), so a stage never runs code its key does not cover.
 """
 
 from __future__ import annotations

@@ -4,15 +4,20 @@ The stage CLI (``diffprune <stage>``), the Prefect tasks and flows, the generate
 tracking, the report and the tests all read this table. Every library stage keeps one contract:
 ``stages.<name>(params, *, out, metrics, <inputs…>[, checkpoints])`` reads its params group and the
 outputs of its upstream stages, writes ``out`` atomically and ``<metrics>/<name>.json`` (its summary).
-Adding a stage = one entry here + its function in ``stages.py`` + its params model in ``config.py``.
+Adding a stage = one entry here + its function in ``stages.py`` + its params model in ``stage_params.py``.
+Every fact about a stage lives in its entry: its inputs (from upstream stages, and from outside the store),
+whether the report's headline reads it, what a sweep varies in it, what tracking shows of it.
 This module is plain data: it imports nothing heavy, so parsers and schedulers can read it cheaply.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from diffprune.pipeline import external
 
 METRICS = "metrics"  # the folder every stage writes its summary into (``<name>.json``)
 
@@ -37,6 +42,15 @@ class Curve:
 
 
 @dataclass(frozen=True)
+class Bars:
+    """A per-layer mapping in a stage's summary worth a bar chart in its tracked run."""
+
+    key: str  # the summary's key holding ``{layer: value}``
+    x: str
+    title: str
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     group: str  # the attribute of ``config.Params`` holding its params
@@ -53,6 +67,11 @@ class Stage:
     extra_deps: tuple[str, ...] = ()  # files outside the pipeline that the stage reads (DVC deps)
     extra_params: tuple[str, ...] = ()  # other params groups the stage reads (DVC params)
     extra_metrics: tuple[str, ...] = ()  # files besides ``<name>.json`` written to the metrics folder
+    external: Callable[[dict], dict[str, str]] | None = None  # digests of inputs from outside the store
+    headline: bool = False  # the report's headline numbers read its summary
+    swept: tuple[str, ...] = ()  # the params a sweep branch sets (same names in the branch); others are shared
+    bars: tuple[Bars, ...] = ()  # summary mappings drawn as bar charts in its tracked run
+    code: tuple[str, ...] = ()  # orchestration-layer stages: the modules their code version covers
 
     @property
     def params_key(self) -> str:
@@ -71,33 +90,43 @@ class Stage:
 
 
 TABLE: tuple[Stage, ...] = (
-    Stage("prepare", "data", "prepare the dataset (digits, imagefolder, cifar10)", "data/prepared", 30),
+    Stage("prepare", "data", "prepare the dataset (digits, imagefolder, cifar10)", "data/prepared", 30,
+          external=external.image_folder),
     Stage("teacher", "teacher", "provide the teacher: built-in, pretrained (hub/local) or trained from scratch",
           "models/teacher", 720, inputs=(("data", "prepare"),), checkpoints="checkpoints/teacher",
           curves=(Curve("metrics", "teacher_loss.csv", "step", "loss", "teacher training loss", dvc=False),),
-          extra_deps=("diffprune/assets",)),
+          extra_deps=("diffprune/assets",), external=external.teacher_source, headline=True),
     Stage("score", "score", "importance scoring: the gradient pass of diff-pruning / taylor", "scores", 120,
           inputs=(("data", "prepare"), ("teacher", "teacher")),
           curves=(Curve("out", "loss_over_t.csv", "t", "loss", "loss over t (importance scoring)",
                         metric="loss_over_t"),
-                  Curve("out", "importance.csv", "importance", "layer", "importance per layer", kind="bars"))),
+                  Curve("out", "importance.csv", "importance", "layer", "importance per layer", kind="bars")),
+          headline=True, swept=("criterion", "thr", "variant", "n_batches", "seed")),
     Stage("prune", "prune", "structural pruning at a ratio (paper semantics) or a MACs target", "models/pruned",
-          30, inputs=(("teacher", "teacher"), ("scores", "score"))),
+          30, inputs=(("teacher", "teacher"), ("scores", "score")), headline=True,
+          swept=("pruning_ratio", "target_macs", "seed"),
+          bars=(Bars("widths", "output channels kept", "pruned widths per layer"),)),
     Stage("finetune", "finetune", "fine-tune a student (optionally distilled from the teacher)",
           "models/finetuned", 720, inputs=(("data", "prepare"), ("student", "prune"), ("teacher", "teacher")),
           checkpoints="checkpoints/finetune",
-          curves=(Curve("metrics", "finetune_loss.csv", "step", "loss", "fine-tuning loss"),)),
+          curves=(Curve("metrics", "finetune_loss.csv", "step", "loss", "fine-tuning loss"),), headline=True,
+          swept=("seed",)),
     Stage("evaluate", "evaluate", "sample teacher and student from the same noise; FID, SSIM, MACs, latency",
           "samples", 240, inputs=(("data", "prepare"), ("teacher", "teacher"), ("student", "finetune")),
           curves=(Curve("metrics", "evaluate_fid_vs_macs.csv", "macs_m", "fid", "FID vs MACs", kind="scatter"),),
-          images=("grid_pairs.png", "grid_teacher.png", "grid_pruned.png"), out_aliases=("--samples",)),
+          images=("grid_pairs.png", "grid_teacher.png", "grid_pruned.png"), out_aliases=("--samples",),
+          external=external.inception_weights, headline=True),
     Stage("register", "registration", "log the `dvc repro` outputs to MLflow and register the fine-tuned model",
           None, 30, inputs=(("model", "finetune"), ("evaluation", "evaluate")), key="register", library=False,
-          extra_params=("tracking",), extra_metrics=("report.md",)),
+          extra_params=("tracking",), extra_metrics=("report.md",),
+          code=("diffprune.tracking.register", "diffprune.tracking.mlflow_model", "diffprune.tracking.promotion",
+                "diffprune.evaluation.report")),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in TABLE}
 NAMES: tuple[str, ...] = tuple(STAGES)
 LIBRARY: tuple[Stage, ...] = tuple(s for s in TABLE if s.library)
+HEADLINE: tuple[str, ...] = tuple(s.name for s in TABLE if s.headline)
+SWEPT: tuple[str, ...] = tuple(s.name for s in TABLE if s.swept)
 
 
 def downstream(name: str) -> tuple[str, ...]:

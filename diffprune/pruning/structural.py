@@ -4,9 +4,11 @@ channel-count semantics.
 torch-pruning's dependency graph finds the coupled groups (skip connections, q/k/v, GroupNorm);
 we choose the channels. Local pruning: in a group of C channels, n = C − int(C·(1−ratio)) go. If
 the group is split into G chunks (its GroupNorm's groups; attention heads), each chunk loses
-⌊n/G⌋ of its own lowest-scored channels — the rule of the paper's code (reference §1.4), which
-turns the CIFAR-10 DDPM (35.7 M / 6.1 G) at ratio 0.3 into 19.8 M / 3.4 G. (Stock torch-pruning
-1.6.1 keeps ⌊(C/G)·(1−ratio)⌋ per chunk instead and reaches 13.9 M / 2.1 G.)
+⌊n/G⌋ of its own lowest-scored channels. This rule turns the CIFAR-10 DDPM (35.7 M / 6.1 G) at ratio
+0.3 into 19.8 M / 3.4 G, the paper's Table 1 figures; its params, 35.7463 M → 19.8512 M, equal the
+official code's log to the digit (tests/test_pruning.py and ``benchmarks/paper_presets.py --check``
+check it; docs/results.md §1). (Stock torch-pruning 1.6.1 keeps ⌊(C/G)·(1−ratio)⌋ per chunk instead
+and reaches 13.9 M / 2.1 G.)
 
 Conditional UNets add three rules: cross-attention key/value *inputs* keep the context width (they
 read the text encoder or label embedding, never traced as prunable); attention heads stay whole

@@ -12,10 +12,9 @@ import yaml
 from diffprune.pipeline.fingerprint import code_files, module_closure
 from diffprune.pipeline.generated import generator_main
 from diffprune.pipeline.table import METRICS, STAGES, TABLE, Stage
-from diffprune.tasks.stages import EDGE_CODE
 
 HEADER = """\
-# Generated from diffprune/stage_table.py by `python -m diffprune.repro.dvc_yaml`: edit the table, not
+# Generated from diffprune/pipeline/table.py by `python -m diffprune.repro.dvc_yaml`: edit the table, not
 # this file (a test checks that they agree). One stage per `diffprune` subcommand; each depends on its own
 # code (the files its Prefect cache key hashes), its own params group and the upstream outputs.
 # Commands go through bin/diffprune, which finds the project's .venv when the shell has not activated it.
@@ -30,7 +29,7 @@ TEMPLATES = {"line": "linear", "bars": "bar_horizontal", "scatter": "scatter"}
 def _stage(stage: Stage) -> dict:
     # DVC sees files, not functions: a library stage also depends on stages.py, where its function lives.
     code = ("diffprune/pipeline/stages.py", *code_files(stage.name)) if stage.library else \
-        module_closure((*EDGE_CODE[stage.name], DVC_FRONT_END[stage.name]))
+        module_closure((*stage.code, DVC_FRONT_END[stage.name]))
     deps = [*code, *stage.extra_deps]
     for _, upstream in stage.inputs:
         up = STAGES[upstream]

@@ -40,7 +40,7 @@ def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
 
 def register_workspace(params: Params) -> dict:
     """Mirror the workspace's stage outputs into MLflow; register and gate ``models/finetuned``."""
-    from diffprune.tracking.register import register
+    from diffprune.tracking.register import register, registered_now, registry_link
 
     summaries = {s.name: _summary(s.name) for s in LIBRARY}
     hashes = dvc_hashes()
@@ -54,17 +54,12 @@ def register_workspace(params: Params) -> dict:
         summary = headline(summaries)
         outcome = None
         if params.registration.enabled:
-            nested = tracker.client.create_run(tracker.experiment_id, run_name="register", tags={
-                "mlflow.parentRunId": tracker.run_id, "diffprune.stage": "register"}).info.run_id
             model_dir = STAGES[REGISTER.input_stage("model")].out
             grid = Path(STAGES["evaluate"].out) / STAGES["evaluate"].images[0]
-            outcome = register(model_dir, summary, params.registration, tracker.run_id, grid)
-            tracker.link_model(outcome, nested)
-            tracker.client.log_dict(nested, outcome, "register.json")
-            tracker.client.set_terminated(nested)
+            outcome = register(tracker, registered_now(model_dir, summary, params.registration, grid))
         report = render(summary, title="diffprune dvc repro", links={
             "MLflow run": ui_url(tracker.uri, tracker.experiment_id, tracker.run_id),
-            **({"Registry": f"`{outcome['model_uri']}` aliases {', '.join(outcome['aliases'])}"} if outcome else {})})
+            **({"Registry": registry_link(outcome)} if outcome else {})})
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         tracker.log_text(report, "report.md")
         with atomic_file(Path(METRICS) / "report.md") as fh:

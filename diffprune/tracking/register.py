@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import quote
@@ -29,6 +29,7 @@ from diffprune.evaluation.report import render
 from diffprune.pipeline.stage_params import RegisterParams
 from diffprune.tracking import lineage
 from diffprune.tracking.promotion import gate, version_tags
+from diffprune.tracking.runs import Tracker
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -115,7 +116,7 @@ def _description(summary: dict, name: str, version: str, run_id: str | None, gri
     return text
 
 
-def register(model_dir: str | Path, summary: dict, params: RegisterParams, run_id: str | None = None,
+def register_version(model_dir: str | Path, summary: dict, params: RegisterParams, run_id: str | None = None,
              grid: Path | None = None) -> dict:
     """Log ``model_dir`` as a pyfunc model, register a new version and run the promotion gate.
 
@@ -175,6 +176,40 @@ def register(model_dir: str | Path, summary: dict, params: RegisterParams, run_i
         "gate": {"passed": result.passed, "reasons": list(result.reasons)},
         "champion_version": version if result.passed else previous,
     }
+
+
+def register(tracker: Tracker, version: Callable[[str], tuple[dict, bool]]) -> dict:
+    """The register stage under both front ends: a nested "register" run under the tracker's parent run,
+    in which ``version(parent_run_id)`` registers the model (:func:`register_version`: pyfunc, new version,
+    gate, aliases) or finds the version a cached run registered — returning ``(outcome, cached)``; the
+    nested run records the outcome, and the model appears in the Models column of both runs."""
+    client = tracker.client
+    nested = client.create_run(tracker.experiment_id, run_name="register", tags={
+        "mlflow.parentRunId": tracker.run_id, "diffprune.stage": "register"}).info.run_id
+    try:
+        outcome, cached = version(tracker.run_id)
+    except BaseException:
+        client.set_terminated(nested, status="FAILED")
+        raise
+    client.set_tag(nested, "diffprune.cache", "hit" if cached else "miss")
+    client.set_tag(nested, "diffprune.registered_version", f"{outcome['name']}/{outcome['version']}")
+    client.log_dict(nested, outcome, "register.json")
+    client.set_terminated(nested)
+    tracker.link_model(outcome, nested)
+    return outcome
+
+
+def registered_now(model_dir: str | Path, summary: dict, params: RegisterParams,
+                   grid: Path | None) -> Callable[[str], tuple[dict, bool]]:
+    """The ``version`` of :func:`register` that registers ``model_dir`` now (no cache in front of it)."""
+    return lambda run_id: (register_version(model_dir, summary, params, run_id, grid), False)
+
+
+def registry_link(outcome: dict) -> str:
+    """How reports point at a registered version: its URI, aliases and the gate's verdict."""
+    failed = "; ".join(r for r in outcome["gate"]["reasons"] if "fail" in r.lower())
+    gate = "passed" if outcome["gate"]["passed"] else f"refused: {failed}" if failed else "refused"
+    return f"`{outcome['model_uri']}` aliases {', '.join(outcome['aliases'])} (gate {gate})"
 
 
 def load_champion(name: str, alias: str = CHAMPION) -> mlflow.pyfunc.PyFuncModel:

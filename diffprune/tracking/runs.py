@@ -117,7 +117,8 @@ class Tracker:
         flat = _flatten(params)
         self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
         self._log_dataset(stage, run_id, output_dir)
-        self.log_metrics({k: v for k, v in _flatten(summary).items() if k != "widths"}, run_id)
+        bars = STAGES[stage].bars
+        self.log_metrics({k: v for k, v in _flatten(summary).items() if k not in {b.key for b in bars}}, run_id)
         if cached_key is not None:
             self.client.set_terminated(run_id)
             return run_id
@@ -132,10 +133,10 @@ class Tracker:
                 plot = self._log_curve(curve, source, run_id, Path(tmp))
                 if plot:
                     self.client.log_artifact(run_id, str(plot), "plots")
-            if stage == "prune" and summary.get("widths"):
-                self.client.log_artifact(run_id, str(_bars(summary["widths"], "output channels kept",
-                                                           "pruned widths per layer", Path(tmp) / "widths.png")),
-                                         "plots")
+            for bar in entry.bars:
+                if summary.get(bar.key):
+                    plot = _bars(summary[bar.key], bar.x, bar.title, Path(tmp) / f"{bar.key}.png")
+                    self.client.log_artifact(run_id, str(plot), "plots")
         for image in entry.images if output_dir is not None else ():
             if (Path(output_dir) / image).is_file():
                 self.client.log_artifact(run_id, str(Path(output_dir) / image), "samples")

@@ -4,6 +4,9 @@
     python benchmarks/overhead.py --quick    # 100 fine-tuning steps, one 128-image evaluation seed: ~8 minutes
     python benchmarks/overhead.py --cached-only .   # a finished project: cached run vs a bare Prefect flow
 
+Prefect state (PREFECT_HOME: its database, the bare flow's results) always goes to a temporary directory
+that is deleted at the end, never into the project or this working tree.
+
 Each front end runs in its own scratch project (a copy of the code, params.yaml and dvc.yaml; fresh
 PREFECT_HOME, MLflow store and caches, so neither reuses the other's FID extractor or features). For the
 flow, the wall time splits into the stages' own work (their summaries), the stage processes around it
@@ -108,8 +111,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.cached_only:
         project = args.cached_only.resolve()
-        result = cached_vs_bare(project, {**env_for(project), "PREFECT_HOME": str(project / ".prefect-bench")},
-                                args.repeats)
+        # A fresh Prefect home per benchmark run, outside the project: its database and the bare flow's
+        # results never land in a working tree. The `diffprune run` cache records live next to the
+        # project's store (PREFECT_RESULTS_LOCAL_STORAGE_PATH), so its stages are still cache hits.
+        with tempfile.TemporaryDirectory(prefix="diffprune-overhead-prefect-") as home:
+            result = cached_vs_bare(project, {**env_for(project), "PREFECT_HOME": home}, args.repeats)
         print(render_cached(result))
         save("overhead_cached", result, render_cached(result), args.out)
         return

@@ -17,6 +17,7 @@ from diffprune.common.errors import DiffpruneError
 from diffprune.flows import preflight
 from diffprune.pipeline import cli
 from diffprune.pipeline.config import load_params
+from diffprune.pipeline.table import STAGES
 
 # What a first run on a fresh machine needs: the temporary Prefect server's database set-up takes
 # ~20 s here (minutes on a busy machine), past Prefect's default 20 s start-up limit; no telemetry leaves.
@@ -38,7 +39,7 @@ COMMANDS = {
     "run": "run the pipeline flow (the main job) on params.yaml",
     "sweep": "run the sweep flow: criteria × MACs targets × seeds, one comparison table",
     "serve": "serve the pipeline flow on the cron schedule in params.yaml (Prefect server)",
-    "register": "log the `dvc repro` outputs to MLflow and register the fine-tuned model",
+    "register": STAGES["register"].help,  # the last stage of `dvc repro`
 }
 
 

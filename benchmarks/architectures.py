@@ -41,10 +41,10 @@ from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import make_scheduler
 from diffprune.family.persist import ARCH_FILE, describe, load_exact
 from diffprune.pipeline.stage_params import TrainParams
-from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.macs import macs_and_params
 from diffprune.pruning.structural import prune_unet
-from diffprune.training.loop import train
+from diffprune.training.loop import Conditioning, Distillation, train
 
 RATIO, ROUND_TO = 0.3, 2
 
@@ -72,24 +72,16 @@ ARCHITECTURES = {"ldm-celebahq-256": _celebahq, "ldm-cin256-v2": _cin256, "sd15"
 REFERENCES = {"SD-1.4 UNet": 0.86e9, "BK-SDM-Base": 0.58e9, "BK-SDM-Small": 0.49e9, "BK-SDM-Tiny": 0.33e9}
 
 
-class _Context:
+class _Context(ClassCondition):
     """A stand-in conditioner: random contexts of the real width and length (the text encoder is not pruned)."""
 
-    kind, folder = "class", "label_embedding"
-
     def __init__(self, length: int, width: int) -> None:
-        self.length, self.module = length, LabelEmbedding(1000, width)
-        self.num_classes = 1000
+        super().__init__(LabelEmbedding(1000, width))
+        self.length = length
 
     def embed(self, values, device):
         gen = torch.Generator().manual_seed(len(values))
         return torch.randn(len(values), self.length, self.module.config.dim, generator=gen).to(device)
-
-    def null(self):
-        return 1000
-
-    def check(self, values, source):
-        return None
 
 
 def check(name: str) -> dict:
@@ -107,8 +99,8 @@ def check(name: str) -> dict:
     macs0, params0 = macs_and_params(unet, inputs)
     x0 = torch.randn(1, *model.input_shape)
     contexts = [model.context([3])] if condition else None
-    scored = accumulate_gradients(unet, make_scheduler(2), [x0], "diff-pruning", 0.0, progress=False,
-                                  contexts=contexts)
+    scored = accumulate_gradients(Diffusion(unet, make_scheduler(2)), [x0], ScoreOptions("diff-pruning", 0.0),
+                                  contexts=contexts, progress=False)
     pruned = prune_unet(copy.deepcopy(unet), RATIO, "diff-pruning", scored.grads, round_to=ROUND_TO)
     del scored
     macs1, params1 = macs_and_params(pruned, inputs)
@@ -125,9 +117,9 @@ def check(name: str) -> dict:
         student = model.with_unet(pruned)
         labels = [0] if condition else None
         t0 = time.perf_counter()
-        result = train(pruned, scheduler, x0, TrainParams(steps=1, batch_size=1, optimizer="adam", device="cpu",
-                                                          checkpoint_every=1), Path(tmp) / "ck", teacher=unet,
-                       distill_weight=0.7, family=student, conditions=labels, condition_dropout=0.1 if labels else 0)
+        params = TrainParams(steps=1, batch_size=1, optimizer="adam", device="cpu", checkpoint_every=1)
+        result = train(student, x0, params, Path(tmp) / "ck", distillation=Distillation(model, 0.7),
+                       conditioning=Conditioning(labels, 0.1) if labels else None)
         step_s = time.perf_counter() - t0
     return {"architecture": name, "class": type(unet).__name__, "context_len": context_len if width else None,
             "params": [params0, params1], "macs": [macs0, macs1], "ratio": RATIO, "round_to": ROUND_TO,

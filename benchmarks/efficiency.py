@@ -40,7 +40,7 @@ from diffprune.family.models import BUILTIN_TEACHER, load_model
 from diffprune.pipeline.config import load_params
 from diffprune.pipeline.stage_params import FastPathParams, TrainParams
 from diffprune.pipeline.table import LIBRARY
-from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.macs import macs_and_params
 from diffprune.pruning.structural import layer_widths, prune_to_macs, prune_unet
 from diffprune.training.loop import train
@@ -103,8 +103,9 @@ def fast_paths(teacher, pruned, batch: int, device: torch.device, compile_too: b
 
 
 def scoring(teacher, scheduler, x0: torch.Tensor, device: str, chunks: tuple[int, ...] = (1, 8, 16)) -> dict:
-    runs = {k: accumulate_gradients(copy.deepcopy(teacher), scheduler, [x0], "diff-pruning", 0.05, device=device,
-                                    timestep_batch=k) for k in chunks}
+    runs = {k: accumulate_gradients(Diffusion(copy.deepcopy(teacher), scheduler), [x0],
+                                    ScoreOptions("diff-pruning", 0.05, timestep_batch=k), device=device)
+            for k in chunks}
     one = runs[chunks[0]]
     scale = max(float(g.abs().max()) for g in one.grads.values())
     out = {}
@@ -118,7 +119,7 @@ def scoring(teacher, scheduler, x0: torch.Tensor, device: str, chunks: tuple[int
 
 def train_step(model, scheduler, images: np.ndarray, steps: int, device: str = "cpu") -> float:
     with tempfile.TemporaryDirectory() as ckpt:
-        result = train(copy.deepcopy(model), scheduler, images,
+        result = train(Diffusion(copy.deepcopy(model), scheduler), images,
                        TrainParams(steps=steps, batch_size=64, checkpoint_every=steps, device=device), ckpt)
     return result.seconds / steps
 

@@ -89,7 +89,8 @@ def rows_from_store(root: Path) -> tuple[list[dict], list[dict]]:
     identical share one fine-tuning entry, which records only the first branch as its input; two score
     entries of one branch with the same output lead to the same evaluation and give one row. A branch
     computed under several code versions keeps one row (see ``one_per_branch``)."""
-    from diffprune.evaluation.report import HEADLINE_STAGES, branch_label, branch_method, headline
+    from diffprune.evaluation.report import branch_label, branch_method, headline
+    from diffprune.pipeline.table import HEADLINE as HEADLINE_STAGES
 
     entries = {stage: {m["key"]: m for m in (json.loads(p.read_text()) for p in root.glob(f"{stage}/*/manifest.json"))}
                for stage in HEADLINE_STAGES}

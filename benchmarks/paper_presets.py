@@ -34,13 +34,13 @@ from benchmarks.architectures import ARCHITECTURES, REFERENCES
 from benchmarks.architectures import render as render_architectures
 from benchmarks.common import RESULTS, save
 from diffprune.evaluation.metrics import latency_pair
-from diffprune.evaluation.sampling import sample
+from diffprune.evaluation.sampling import SamplerOptions, sample
 from diffprune.family import fast_path as inference
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import build_unet, make_scheduler
 from diffprune.pipeline.config import load_params
 from diffprune.pipeline.stage_params import TrainParams
-from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.macs import macs_and_params
 from diffprune.pruning.structural import prune_unet
 from diffprune.training.loop import train
@@ -61,15 +61,16 @@ def check(name: str) -> dict:
     macs0, params0 = macs_and_params(unet)
     x0 = torch.rand(2, ch, res, res) * 2 - 1
     start = time.perf_counter()
-    scored = accumulate_gradients(unet, make_scheduler(3), [x0], params.score.criterion, 0.0, progress=False)
+    scored = accumulate_gradients(Diffusion(unet, make_scheduler(3)), [x0], ScoreOptions(params.score.criterion, 0.0),
+                                  progress=False)
     pruned = prune_unet(unet, params.prune.pruning_ratio, params.score.criterion, scored.grads, params.prune.seed)
     macs1, params1 = macs_and_params(pruned)
     images = np.random.default_rng(0).integers(0, 256, (8, res, res, ch), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as ckpt:
-        trained = train(pruned, make_scheduler(params.teacher.num_train_timesteps), images,
+        trained = train(Diffusion(pruned, make_scheduler(params.teacher.num_train_timesteps)), images,
                         TrainParams(steps=2, batch_size=2, checkpoint_every=2, device="cpu"), ckpt).model
-    out = sample(trained, make_scheduler(params.teacher.num_train_timesteps), 2, 0, steps=2, batch_size=2,
-                 progress=False)
+    out = sample(trained, make_scheduler(params.teacher.num_train_timesteps), 2, 0,
+                 SamplerOptions(steps=2, batch_size=2), progress=False)
     paper = PAPER[name]
     measured = {"params": (params0, params1), "macs": (macs0, macs1)}
     match = all(abs(m - p) / p <= 0.01 for key in paper for m, p in zip(measured[key], paper[key], strict=True))
@@ -94,7 +95,7 @@ def timing(name: str, device: str) -> dict:
         with tempfile.TemporaryDirectory() as ckpt:
             tp = TrainParams(steps=steps, batch_size=ft.batch_size, lr=ft.lr, mixed_precision=ft.mixed_precision,
                              ema_decay=ft.ema_decay, checkpoint_every=steps, device=device)
-            spent[steps] = train(pruned, make_scheduler(params.teacher.num_train_timesteps), images, tp,
+            spent[steps] = train(Diffusion(pruned, make_scheduler(params.teacher.num_train_timesteps)), images, tp,
                                  ckpt).seconds
     step_s = (spent[40] - spent[10]) / 30
     pair = {"teacher": Diffusion(teacher, None), "pruned": Diffusion(pruned, None)}

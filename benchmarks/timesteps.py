@@ -23,11 +23,11 @@ import numpy as np
 from benchmarks.common import RESULTS, save
 from diffprune.data.datasets import load_prepared, prepare_dataset
 from diffprune.evaluation.metrics import ssim
-from diffprune.evaluation.sampling import sample
-from diffprune.family.diffusion import images_to_tensor
+from diffprune.evaluation.sampling import SamplerOptions, sample
+from diffprune.family.diffusion import Diffusion, images_to_tensor
 from diffprune.family.models import BUILTIN_TEACHER, load_model
 from diffprune.pipeline.config import load_params
-from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.structural import prune_unet
 
 
@@ -48,13 +48,14 @@ def main() -> None:
     ratio, steps = params.prune.pruning_ratio or 0.25, params.evaluate.steps
 
     def closeness(model) -> float:
-        kw = dict(steps=steps, batch_size=args.images, progress=False)
-        return float(ssim(sample(teacher, scheduler, args.images, 0, **kw), sample(model, scheduler, args.images, 0,
-                                                                                  **kw)).mean())
+        options = SamplerOptions(steps=steps, batch_size=args.images)
+        return float(ssim(sample(teacher, scheduler, args.images, 0, options, progress=False),
+                          sample(model, scheduler, args.images, 0, options, progress=False)).mean())
 
     rows, curve = [], None
     for thr in sorted(args.thresholds):
-        scored = accumulate_gradients(copy.deepcopy(teacher), scheduler, [x0], "diff-pruning", thr)
+        scored = accumulate_gradients(Diffusion(copy.deepcopy(teacher), scheduler), [x0],
+                                      ScoreOptions("diff-pruning", thr))
         if thr == 0.0:
             curve = {"t": scored.timesteps, "loss": scored.losses}
         pruned = prune_unet(copy.deepcopy(teacher), ratio, "diff-pruning", scored.grads, params.prune.seed)

@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from diffprune.data.datasets import load_prepared, prepare_dataset
+from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import build_unet, make_scheduler, save_model
 from tiny import TINY_ARCH, TINY_DATA
 
@@ -62,8 +63,8 @@ def trained_tiny(digits, tmp_path_factory):
 
     torch.manual_seed(0)
     unet = build_unet(TINY_ARCH, 8, 1)
-    result = train(unet, make_scheduler(100), digits.train, tiny_train(steps=150, batch_size=16, checkpoint_every=150,
-                                                                      ema_decay=0.0), tmp_path_factory.mktemp("ck"))
+    params = tiny_train(steps=150, batch_size=16, checkpoint_every=150, ema_decay=0.0)
+    result = train(Diffusion(unet, make_scheduler(100)), digits.train, params, tmp_path_factory.mktemp("ck"))
     return result.model
 
 

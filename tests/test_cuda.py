@@ -6,7 +6,8 @@ import torch
 
 from diffprune.common.errors import DiffpruneError
 from diffprune.evaluation.compare import evaluate_pair
-from diffprune.evaluation.sampling import sample
+from diffprune.evaluation.sampling import SamplerOptions, sample
+from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import make_scheduler
 from diffprune.training.loop import train
 from tiny import tiny_eval, tiny_train
@@ -17,20 +18,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
 def test_training_on_cuda_with_mixed_precision(tiny_unet, digits, tmp_path, precision):
     params = tiny_train(steps=30, mixed_precision=precision, device="cuda")
-    result = train(tiny_unet, make_scheduler(), digits.train, params, tmp_path)
+    result = train(Diffusion(tiny_unet, make_scheduler()), digits.train, params, tmp_path)
     assert all(np.isfinite(result.losses))
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
 
 
 def test_sampling_on_cuda_is_reproducible(tiny_unet):
-    a = sample(tiny_unet, make_scheduler(), 8, 0, steps=4, batch_size=8, device="cuda", progress=False)
-    b = sample(tiny_unet, make_scheduler(), 8, 0, steps=4, batch_size=8, device="cuda", progress=False)
+    options = SamplerOptions(steps=4, batch_size=8)
+    a = sample(tiny_unet, make_scheduler(), 8, 0, options, device="cuda", progress=False)
+    b = sample(tiny_unet, make_scheduler(), 8, 0, options, device="cuda", progress=False)
     assert np.array_equal(a, b)
 
 
 def test_evaluate_pair_on_cuda(tiny_unet, digits, tmp_path):
-    teacher = (tiny_unet, make_scheduler())
+    teacher = Diffusion(tiny_unet, make_scheduler())
     result = evaluate_pair(digits, teacher, teacher, tiny_eval(tmp_path / "cache", device="cuda"), tmp_path / "s")
     assert result["device"] == "cuda"
     assert result["pruned"]["ssim"] == pytest.approx(1.0)
@@ -39,6 +41,6 @@ def test_evaluate_pair_on_cuda(tiny_unet, digits, tmp_path):
 def test_fp16_refused_only_without_cuda(tiny_unet, digits, tmp_path):
     try:
         params = tiny_train(steps=1, mixed_precision="fp16", device="cuda")
-        train(tiny_unet, make_scheduler(), digits.train, params, tmp_path)
+        train(Diffusion(tiny_unet, make_scheduler()), digits.train, params, tmp_path)
     except DiffpruneError:
         pytest.fail("fp16 must be accepted on CUDA")

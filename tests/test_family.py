@@ -11,7 +11,7 @@ import torch
 from families import CONTEXT, tiny_family
 
 from diffprune.common.errors import DiffpruneError
-from diffprune.evaluation.sampling import generate
+from diffprune.evaluation.sampling import SamplerOptions, generate
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import load_diffusion, save_diffusion
 
@@ -43,8 +43,9 @@ def test_each_family_saves_and_loads_bit_identical_without_pickle(kind, tmp_path
             assert torch.equal(got[key], value), (folder, key)
     n = 3
     conditions = model.sample_conditions(_FakeData(), n)
-    a = generate(model, n, seed=5, conditions=conditions, guidance=2.0, steps=2, progress=False)
-    b = generate(loaded, n, seed=5, conditions=conditions, guidance=2.0, steps=2, progress=False)
+    options = SamplerOptions(steps=2, guidance=2.0)
+    a = generate(model, n, 5, options, conditions=conditions, progress=False)
+    b = generate(loaded, n, 5, options, conditions=conditions, progress=False)
     assert a.shape == (n, 8, 8, 1) and np.array_equal(a, b)
 
 
@@ -121,7 +122,7 @@ def test_text_model_without_captions_says_how_to_add_them(tmp_path):
 
 def test_a_conditional_model_refuses_to_sample_without_conditions(tmp_path):
     with pytest.raises(DiffpruneError, match="one condition per image"):
-        generate(tiny_family("pixel-class", tmp_path), 2, 0, steps=1, progress=False)
+        generate(tiny_family("pixel-class", tmp_path), 2, 0, SamplerOptions(steps=1), progress=False)
 
 
 def test_latent_encode_decode_round_trip_shapes(tmp_path):

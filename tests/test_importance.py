@@ -4,14 +4,14 @@ import torch
 import torch.nn.functional as F
 
 from diffprune.common.runtime import derive_seed
-from diffprune.family.diffusion import images_to_tensor
+from diffprune.family.diffusion import Diffusion, images_to_tensor
 from diffprune.family.models import make_scheduler
-from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 
 
 def _pass(unet, digits, criterion, thr, T=100):
     x0 = images_to_tensor(digits.train[:8])
-    return accumulate_gradients(unet, make_scheduler(T), [x0], criterion, thr, progress=False)
+    return accumulate_gradients(Diffusion(unet, make_scheduler(T)), [x0], ScoreOptions(criterion, thr), progress=False)
 
 
 def test_diff_pruning_visits_fewer_timesteps_as_thr_grows(trained_tiny, digits):
@@ -53,8 +53,8 @@ def test_n_batches_average_the_per_batch_gradients_and_losses(trained_tiny, digi
     inside a chunk when several timesteps share a forward/backward)."""
     seed, thr, T = 5, 0.7, 100
     batches = list(images_to_tensor(digits.train[:24]).split(8))
-    result = accumulate_gradients(trained_tiny, make_scheduler(T), batches, "diff-pruning", thr, seed=seed,
-                                  progress=False, timestep_batch=timestep_batch)
+    options = ScoreOptions("diff-pruning", thr, seed=seed, timestep_batch=timestep_batch)
+    result = accumulate_gradients(Diffusion(trained_tiny, make_scheduler(T)), batches, options, progress=False)
     alphas = make_scheduler(T).alphas_cumprod
     noises = [torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, b)))
               for b, x0 in enumerate(batches)]
@@ -98,8 +98,9 @@ def test_conditional_pass_is_the_hand_computed_sum_with_the_batches_conditions(t
     x0 = model.encode(np.random.default_rng(0).integers(0, 255, (6, 8, 8, 1), dtype=np.uint8))
     labels = [0, 1, 2, 3, 4, 5]
     ctx, null = model.context(labels), model.null_context(6)
-    result = accumulate_gradients(unet, make_scheduler(T), [x0, x0], "diff-pruning", 0.0, seed=seed,
-                                  progress=False, contexts=[ctx, null], timestep_batch=3)
+    result = accumulate_gradients(Diffusion(unet, make_scheduler(T)), [x0, x0],
+                                  ScoreOptions("diff-pruning", 0.0, seed=seed, timestep_batch=3), progress=False,
+                                  contexts=[ctx, null])
     alphas = make_scheduler(T).alphas_cumprod
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, 0)))
     unet.zero_grad(set_to_none=True)
@@ -123,10 +124,10 @@ def test_timestep_batches_equal_the_sequential_loop(trained_tiny, digits, criter
     """Several timesteps per forward/backward: the same visited steps, losses and gradients as one at a time
     (up to float rounding, measured against each tensor's scale and the whole gradient's)."""
     x0 = images_to_tensor(digits.train[:8])
-    sched = make_scheduler(60)
-    one = accumulate_gradients(trained_tiny, sched, [x0], criterion, thr, progress=False, timestep_batch=1)
+    model = Diffusion(trained_tiny, make_scheduler(60))
+    one = accumulate_gradients(model, [x0], ScoreOptions(criterion, thr, timestep_batch=1), progress=False)
     for k in (4, 7, 64):
-        many = accumulate_gradients(trained_tiny, sched, [x0], criterion, thr, progress=False, timestep_batch=k)
+        many = accumulate_gradients(model, [x0], ScoreOptions(criterion, thr, timestep_batch=k), progress=False)
         assert many.timesteps == one.timesteps
         assert many.losses == [pytest.approx(v, rel=1e-5) for v in one.losses]
         scale = max(g.abs().max() for g in one.grads.values())
@@ -141,8 +142,8 @@ def test_paper_variant_sums_the_error_and_stops_before_the_sub_threshold_step(tr
     seed, thr, T = 2, 0.3, 100
     x0 = images_to_tensor(digits.train[:8])
     sched = make_scheduler(T)
-    result = accumulate_gradients(trained_tiny, sched, [x0], "diff-pruning", thr, seed=seed, progress=False,
-                                  timestep_batch=4, variant="paper")
+    model = Diffusion(trained_tiny, sched)
+    result = accumulate_gradients(model, [x0], ScoreOptions("diff-pruning", thr, seed, 4, "paper"), progress=False)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(derive_seed(seed, 0)))
     alphas = sched.alphas_cumprod
     trained_tiny.eval().zero_grad(set_to_none=True)
@@ -158,7 +159,7 @@ def test_paper_variant_sums_the_error_and_stops_before_the_sub_threshold_step(tr
         losses.append(loss.item())
     manual = {n: p.grad.clone() for n, p in trained_tiny.named_parameters() if p.grad is not None}
     trained_tiny.zero_grad(set_to_none=True)
-    diffusers = accumulate_gradients(trained_tiny, sched, [x0], "diff-pruning", thr, seed=seed, progress=False)
+    diffusers = accumulate_gradients(model, [x0], ScoreOptions("diff-pruning", thr, seed), progress=False)
     assert 1 < len(visited) < T and result.timesteps == visited
     assert diffusers.timesteps == [*visited, len(visited)], "the diffusers path keeps the sub-threshold step"
     assert result.losses == [pytest.approx(v, rel=1e-5) for v in losses]

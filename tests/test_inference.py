@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -6,13 +7,13 @@ import torch
 from safetensors.torch import save_file
 
 from diffprune.evaluation.metrics import latency_pair
-from diffprune.evaluation.sampling import generate
+from diffprune.evaluation.sampling import SamplerOptions, generate
 from diffprune.family import fast_path as inference
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import load_pipeline, make_scheduler
 from diffprune.pipeline.stage_params import FastPathParams
 
-KW = dict(steps=8, batch_size=6, progress=False)
+PLAIN = SamplerOptions(steps=8, batch_size=6)
 
 
 def test_auto_is_plain_fp32_on_the_cpu_and_the_settings_resolve_as_written():
@@ -26,9 +27,9 @@ def test_auto_is_plain_fp32_on_the_cpu_and_the_settings_resolve_as_written():
 
 def test_channels_last_gives_the_plain_images(trained_tiny):
     model = Diffusion(copy.deepcopy(trained_tiny), make_scheduler(100))
-    plain = generate(model, 12, 0, **KW)
-    fast = generate(Diffusion(copy.deepcopy(trained_tiny), make_scheduler(100)), 12, 0, **KW,
-                    fast=FastPathParams(precision="fp32", channels_last=True))
+    plain = generate(model, 12, 0, PLAIN, progress=False)
+    fast = generate(Diffusion(copy.deepcopy(trained_tiny), make_scheduler(100)), 12, 0,
+                    replace(PLAIN, fast=FastPathParams(precision="fp32", channels_last=True)), progress=False)
     assert np.abs(plain.astype(int) - fast.astype(int)).max() <= 1  # float rounding: at most one grey level
     assert (plain != fast).mean() < 0.01
 
@@ -36,9 +37,9 @@ def test_channels_last_gives_the_plain_images(trained_tiny):
 def test_bf16_stays_close_to_fp32(trained_tiny):
     """Reduced precision is numerically different, not a different model: samples from the same noise stay
     near their fp32 twins (mean error a few grey levels)."""
-    plain = generate(Diffusion(copy.deepcopy(trained_tiny), make_scheduler(100)), 12, 0, **KW)
-    bf16 = generate(Diffusion(copy.deepcopy(trained_tiny), make_scheduler(100)), 12, 0, **KW,
-                    fast=FastPathParams(precision="bf16"))
+    plain = generate(Diffusion(copy.deepcopy(trained_tiny), make_scheduler(100)), 12, 0, PLAIN, progress=False)
+    bf16 = generate(Diffusion(copy.deepcopy(trained_tiny), make_scheduler(100)), 12, 0,
+                    replace(PLAIN, fast=FastPathParams(precision="bf16")), progress=False)
     assert bf16.dtype == np.uint8 and bf16.shape == plain.shape
     assert np.abs(plain.astype(float) - bf16.astype(float)).mean() < 6
 
@@ -48,9 +49,10 @@ def test_guided_latent_sampling_on_the_fast_path_matches_the_plain_path(tmp_path
 
     model = tiny_family("latent-class", tmp_path)
     labels = [0, 1, 2, 3]
-    plain = generate(model, 4, 0, conditions=labels, guidance=2.0, steps=4, progress=False)
-    fast = generate(model, 4, 0, conditions=labels, guidance=2.0, steps=4, progress=False,
-                    fast=FastPathParams(precision="fp32", channels_last=True))
+    guided = SamplerOptions(steps=4, guidance=2.0)
+    plain = generate(model, 4, 0, guided, conditions=labels, progress=False)
+    fast = generate(model, 4, 0, replace(guided, fast=FastPathParams(precision="fp32", channels_last=True)),
+                    conditions=labels, progress=False)
     assert np.abs(plain.astype(int) - fast.astype(int)).max() <= 1
 
 

@@ -50,13 +50,13 @@ def test_score_is_the_sum_of_squared_weight_terms_plus_the_groupnorm_scale_term(
 
 def test_the_variant_picks_its_own_channels(trained_tiny, digits):
     """Same gradients, two scores: the paper's squares rank some group's channels differently."""
-    from diffprune.family.diffusion import images_to_tensor
+    from diffprune.family.diffusion import Diffusion, images_to_tensor
     from diffprune.family.models import make_scheduler
-    from diffprune.pruning.importance import accumulate_gradients
+    from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 
     unet = copy.deepcopy(trained_tiny)
-    result = accumulate_gradients(unet, make_scheduler(100), [images_to_tensor(digits.train[:8])], "taylor", 0.0,
-                                  progress=False)
+    result = accumulate_gradients(Diffusion(unet, make_scheduler(100)), [images_to_tensor(digits.train[:8])],
+                                  ScoreOptions("taylor", 0.0), progress=False)
     for name, p in unet.named_parameters():
         p.grad = result.grads.get(name)
     plans = {variant: [(str(m), idxs) for m, _, idxs in plan_pruning(unet, 0.5, "diff-pruning", variant=variant)[1]]

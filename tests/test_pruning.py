@@ -7,9 +7,9 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from families import CONTEXT as CONTEXT_WIDTH
 from torch import nn
 
-from diffprune.family.diffusion import images_to_tensor
+from diffprune.family.diffusion import Diffusion, images_to_tensor
 from diffprune.family.models import make_scheduler
-from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.macs import macs_and_params
 from diffprune.pruning.structural import (
     _lowest_per_chunk,
@@ -26,7 +26,8 @@ from tiny import tiny_train
 @pytest.fixture
 def grads(tiny_unet, digits):
     x0 = images_to_tensor(digits.train[:8])
-    return accumulate_gradients(tiny_unet, make_scheduler(40), [x0], "taylor", 0.0, progress=False).grads
+    return accumulate_gradients(Diffusion(tiny_unet, make_scheduler(40)), [x0], ScoreOptions("taylor", 0.0),
+                                progress=False).grads
 
 
 def _plans(unet, criterion, grads=None):
@@ -89,7 +90,7 @@ def test_pruned_model_samples_in_diffusers_pipelines_and_trains(tiny_unet, digit
     assert out.images.shape == (2, 8, 8, 1) and np.isfinite(out.images).all()
     out = DDPMPipeline(unet=unet, scheduler=sched)(batch_size=1, num_inference_steps=3, output_type="np")
     assert out.images.shape == (1, 8, 8, 1)
-    result = train(unet, sched, digits.train, tiny_train(steps=3), tmp_path)
+    result = train(Diffusion(unet, sched), digits.train, tiny_train(steps=3), tmp_path)
     assert all(np.isfinite(result.losses))
 
 

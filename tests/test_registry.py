@@ -12,8 +12,7 @@ from mlflow.tracking import fluent
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from diffprune.pipeline.stage_params import FastPathParams, RegisterParams
-from diffprune.tracking.register import load_champion
-from diffprune.tracking.register import register_version
+from diffprune.tracking.register import load_champion, register_version
 
 NAME = "diffprune-test"
 PARAMS = RegisterParams(model_name=NAME, predict_steps=2)

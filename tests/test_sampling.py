@@ -1,23 +1,24 @@
 import numpy as np
 import pytest
 
-from diffprune.evaluation.sampling import grid, paired_grid, sample, save_pngs
+from diffprune.evaluation.sampling import SamplerOptions, grid, paired_grid, sample, save_pngs
 from diffprune.family.models import make_scheduler
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_fixed_seed_is_reproducible_and_seeds_differ(tiny_unet, sampler):
-    kw = dict(sampler=sampler, steps=4, batch_size=4, progress=False)
-    a = sample(tiny_unet, make_scheduler(), 6, seed=0, **kw)
-    b = sample(tiny_unet, make_scheduler(), 6, seed=0, **kw)
-    c = sample(tiny_unet, make_scheduler(), 6, seed=1, **kw)
+    options = SamplerOptions(sampler, steps=4, batch_size=4)
+    a = sample(tiny_unet, make_scheduler(), 6, 0, options, progress=False)
+    b = sample(tiny_unet, make_scheduler(), 6, 0, options, progress=False)
+    c = sample(tiny_unet, make_scheduler(), 6, 1, options, progress=False)
     assert a.shape == (6, 8, 8, 1) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_image_i_depends_on_its_own_noise_only(tiny_unet):
-    few = sample(tiny_unet, make_scheduler(), 3, seed=0, steps=3, batch_size=3, progress=False)
-    more = sample(tiny_unet, make_scheduler(), 6, seed=0, steps=3, batch_size=3, progress=False)
+    options = SamplerOptions(steps=3, batch_size=3)
+    few = sample(tiny_unet, make_scheduler(), 3, 0, options, progress=False)
+    more = sample(tiny_unet, make_scheduler(), 6, 0, options, progress=False)
     assert np.array_equal(few, more[:3])
 
 

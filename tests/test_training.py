@@ -12,14 +12,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffprune.common.errors import DiffpruneError
+from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import build_unet, make_scheduler
 from diffprune.training.checkpoint import list_checkpoints
-from diffprune.training.loop import train
+from diffprune.training.loop import Conditioning, Distillation, train
 from tiny import TINY_ARCH, tiny_train
 
 
 class _Crash(Exception):
     pass
+
+
+def _copy(unet: torch.nn.Module) -> Diffusion:
+    return Diffusion(copy.deepcopy(unet), make_scheduler())
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -28,7 +33,8 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_training_loss_falls(tiny_unet, digits, tmp_path):
-    result = train(tiny_unet, make_scheduler(), digits.train, tiny_train(steps=60, checkpoint_every=60), tmp_path)
+    params = tiny_train(steps=60, checkpoint_every=60)
+    result = train(Diffusion(tiny_unet, make_scheduler()), digits.train, params, tmp_path)
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert len(result.losses) == 60 and last < 0.6 * first
 
@@ -36,15 +42,15 @@ def test_training_loss_falls(tiny_unet, digits, tmp_path):
 def test_kill_and_resume_matches_uninterrupted_run(tiny_unet, digits, tmp_path):
     params = tiny_train(steps=6, checkpoint_every=2)
     start = copy.deepcopy(tiny_unet)
-    reference = train(copy.deepcopy(start), make_scheduler(), digits.train, params, tmp_path / "a")
+    reference = train(_copy(start), digits.train, params, tmp_path / "a")
 
     def crash(step):
         if step == 4:
             raise _Crash
 
     with pytest.raises(_Crash):
-        train(copy.deepcopy(start), make_scheduler(), digits.train, params, tmp_path / "b", on_checkpoint=crash)
-    resumed = train(copy.deepcopy(start), make_scheduler(), digits.train, params, tmp_path / "b")
+        train(_copy(start), digits.train, params, tmp_path / "b", on_checkpoint=crash)
+    resumed = train(_copy(start), digits.train, params, tmp_path / "b")
     assert resumed.resumed_from == 4
     assert _same(reference.model, resumed.model)
     assert reference.losses == resumed.losses
@@ -52,17 +58,17 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_unet, digits, tmp_path):
 
 def test_changed_recipe_does_not_resume_from_stale_checkpoint(tiny_unet, digits, tmp_path):
     start = copy.deepcopy(tiny_unet)
-    train(copy.deepcopy(start), make_scheduler(), digits.train, tiny_train(steps=3), tmp_path)
-    other = train(copy.deepcopy(start), make_scheduler(), digits.train, tiny_train(steps=3, lr=5e-4), tmp_path)
+    train(_copy(start), digits.train, tiny_train(steps=3), tmp_path)
+    other = train(_copy(start), digits.train, tiny_train(steps=3, lr=5e-4), tmp_path)
     assert other.resumed_from is None
-    longer = train(copy.deepcopy(start), make_scheduler(), digits.train, tiny_train(steps=6), tmp_path)
+    longer = train(_copy(start), digits.train, tiny_train(steps=6), tmp_path)
     assert longer.resumed_from == 3
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
 def test_checkpoints_rotate_and_hold_no_pickle(tiny_unet, digits, tmp_path):
     params = tiny_train(steps=6, checkpoint_every=1, keep_checkpoints=2)
-    train(tiny_unet, make_scheduler(), digits.train, params, tmp_path)
+    train(Diffusion(tiny_unet, make_scheduler()), digits.train, params, tmp_path)
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     kept = list_checkpoints(run)
     assert [p.name for p in kept] == ["step-0000005", "step-0000006"]
@@ -72,11 +78,11 @@ def test_checkpoints_rotate_and_hold_no_pickle(tiny_unet, digits, tmp_path):
 
 def test_corrupt_checkpoint_is_refused_in_one_line(tiny_unet, digits, tmp_path):
     start = copy.deepcopy(tiny_unet)
-    train(copy.deepcopy(start), make_scheduler(), digits.train, tiny_train(steps=3), tmp_path)
+    train(_copy(start), digits.train, tiny_train(steps=3), tmp_path)
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     (list_checkpoints(run)[-1] / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(DiffpruneError) as info:
-        train(copy.deepcopy(start), make_scheduler(), digits.train, tiny_train(steps=6), tmp_path)
+        train(_copy(start), digits.train, tiny_train(steps=6), tmp_path)
     assert "model.safetensors" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -97,7 +103,8 @@ def test_distillation_target_is_the_weighted_mix_of_teacher_and_noise(tiny_unet,
     teacher.register_forward_hook(record("teacher"))
     black = np.zeros_like(digits.train[:32])
     scheduler = make_scheduler()
-    kd = train(tiny_unet, scheduler, black, tiny_train(steps=1), tmp_path, teacher=teacher, distill_weight=w)
+    kd = train(Diffusion(tiny_unet, scheduler), black, tiny_train(steps=1), tmp_path,
+               distillation=Distillation(Diffusion(teacher, scheduler), w))
     xt, t, pred = seen["student"]
     xt_teacher, t_teacher, eps_teacher = seen["teacher"]
     assert torch.equal(xt, xt_teacher) and torch.equal(t, t_teacher), "the teacher sees the student's x_t and t"
@@ -114,7 +121,7 @@ def test_fp16_on_cpu_is_refused(tiny_unet, digits, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(DiffpruneError, match="CUDA"):
-        train(tiny_unet, make_scheduler(), digits.train, tiny_train(mixed_precision="fp16"), tmp_path)
+        train(Diffusion(tiny_unet, make_scheduler()), digits.train, tiny_train(mixed_precision="fp16"), tmp_path)
 
 
 def _free_port() -> int:
@@ -155,12 +162,14 @@ def test_a_label_embedding_trains_with_the_unet_while_the_teachers_stays_put(tmp
     images = np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8)
     labels = np.arange(16) % 10
     params = tiny_train(steps=3, checkpoint_every=3)
-    with pytest.raises(DiffpruneError, match="teacher's own conditioner"):
-        train(student.unet, student.scheduler, images, params, tmp_path / "a", teacher=teacher.unet,
-              distill_weight=0.5, family=student, conditions=labels, train_condition=True)
-    result = train(student.unet, student.scheduler, images, params, tmp_path / "b", teacher=teacher.unet,
-                   distill_weight=0.5, family=student, conditions=labels, condition_dropout=0.5,
-                   train_condition=True, teacher_family=teacher)
+    with pytest.raises(DiffpruneError, match="teacher's own conditioner"):  # the one that trains: it would drift
+        train(student, images, params, tmp_path / "a", conditioning=Conditioning(labels, train_embedding=True),
+              distillation=Distillation(student.with_unet(teacher.unet), 0.5))
+    result = train(student, images, params, tmp_path / "b", conditioning=Conditioning(labels, 0.5, True),
+                   distillation=Distillation(teacher, 0.5))
     trained = result.condition.state_dict()["embedding.weight"]
     assert not torch.equal(trained, before["embedding.weight"]) and not result.condition.embedding.weight.requires_grad
     assert torch.equal(teacher.condition.module.state_dict()["embedding.weight"], before["embedding.weight"])
+    saved = result.trained(student)  # what finetune saves: the trained unet and the trained embedding
+    assert saved.unet is result.model and saved.condition.module is result.condition
+    assert type(saved.condition) is type(student.condition) and saved.scheduler is student.scheduler

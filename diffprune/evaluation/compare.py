@@ -24,7 +24,7 @@ from diffprune.data.datasets import Prepared
 from diffprune.evaluation.clip_score import clip_scorer
 from diffprune.evaluation.features import classify, project_classifier
 from diffprune.evaluation.metrics import FidReference, classifier_cache, fid_reference, latency_pair, real_floor, ssim
-from diffprune.evaluation.sampling import generate, grid, paired_grid, save_pngs
+from diffprune.evaluation.sampling import SamplerOptions, generate, grid, paired_grid, save_pngs
 from diffprune.family import fast_path as inference
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import model_hash
@@ -36,6 +36,12 @@ def diffusion_hash(model: Diffusion) -> str:
     """Content hash of every part (only the denoiser's for unconditional pixel models, as it always was)."""
     parts = [model_hash(m) for m in model.modules().values()]
     return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+
+
+def sampler_options(params: EvaluateParams) -> SamplerOptions:
+    """How evaluate samples, teacher and student alike."""
+    return SamplerOptions(params.sampler, params.steps, params.eta, params.guidance_scale, params.batch_size,
+                          params.fast)
 
 
 def sample_set(model: Diffusion, weights_hash: str, n: int, seed: int, params: EvaluateParams, device: torch.device,
@@ -52,9 +58,8 @@ def sample_set(model: Diffusion, weights_hash: str, n: int, seed: int, params: E
     folder = Path(params.cache_dir) / "samples" / key
     feats_file = folder / f"features-{ref.name}.npy"
     if not (folder / "images.npy").is_file():
-        images = generate(model, n, seed, conditions=conditions, guidance=params.guidance_scale,
-                          sampler=params.sampler, steps=params.steps, eta=params.eta, batch_size=params.batch_size,
-                          device=device, desc=f"sample {tag} seed {seed}", fast=params.fast)
+        images = generate(model, n, seed, sampler_options(params), conditions=conditions, device=device,
+                          desc=f"sample {tag} seed {seed}")
         with atomic_dir(folder) as tmp:
             np.save(tmp / "images.npy", images, allow_pickle=False)
             save_pngs(images, tmp / "png")
@@ -76,7 +81,7 @@ def evaluate_pair(data: Prepared, teacher: Diffusion, student: Diffusion, params
     result = {name: {"fid_per_seed": []} for name in models}
     conditions = teacher.sample_conditions(data, n)
     judge = _accuracy_judge(teacher, data, params, device)
-    clip = clip_scorer(params.clip_model, device) if teacher.condition and teacher.condition.kind == "text" else None
+    clip = clip_scorer(params.clip_model, device) if teacher.conditional and teacher.condition.clip_score else None
     ssims = []
     hashes = {name: diffusion_hash(model) for name, model in models.items()}
     with atomic_dir(samples_dir) as out:
@@ -132,9 +137,9 @@ def evaluate_pair(data: Prepared, teacher: Diffusion, student: Diffusion, params
 
 
 def _accuracy_judge(model: Diffusion, data: Prepared, params: EvaluateParams, device: torch.device):
-    """For class-conditional models: the share of generated images the project's classifier assigns to
-    the requested label (the classifier of the FID features, trained once per dataset)."""
-    if model.condition is None or model.condition.kind != "class":
+    """For models whose conditions are the dataset's labels: the share of generated images the project's
+    classifier assigns to the requested label (the classifier of the FID features, trained once per dataset)."""
+    if model.condition is None or not model.condition.class_accuracy:
         return None
     net, _ = project_classifier(data, params.extractor, classifier_cache(data, params), device)
 

@@ -2,12 +2,17 @@
 
 Both feed the UNet's cross-attention as ``encoder_hidden_states`` (B, L, D), the way the paper's
 ImageNet LDM feeds its class and Stable Diffusion its prompt. Each has a null condition for
-classifier-free guidance: a reserved extra label, or the empty prompt. Encoders are frozen: they are
-saved with the model, never pruned or trained by diffprune.
+classifier-free guidance: a reserved extra label, or the empty prompt. Encoders are saved with the model
+and never pruned; only a label embedding may be fine-tuned with the denoiser (``trainable``).
+
+Everything that differs between condition kinds is a member of its class here — where a prepared split
+keeps its conditions, which ones evaluation samples, whether it may train, which metric judges it, the
+registered model's request column — so a new kind is one class, added to :data:`CONDITIONS`.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Protocol
 
 import numpy as np
@@ -33,12 +38,28 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
         return self.embedding(labels)[:, None, :]  # a context of length 1
 
 
+def request_int(value: object, name: str, row: int, minimum: int | None = None) -> int:
+    """An integer field of a registered model's request row (a label; ``num_images``, ``seed``, ``steps``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+        raise ValueError(f"row {row}: {name} must be an integer (got {value!r})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"row {row}: {name} must be >= {minimum} (got {value})")
+    return value
+
+
 class Condition(Protocol):
     """The interface a family needs from its conditioner."""
 
-    kind: str  # "class" or "text"
-    module: nn.Module  # the frozen encoder, saved under ``folder``
+    kind: str  # a label for the family's name: "class" or "text"
+    module: nn.Module  # the encoder, saved under ``folder``
     folder: str
+    trainable: bool  # may be fine-tuned together with the denoiser (finetune.train_label_embedding)
+    clip_score: bool  # evaluate scores images against their conditions with CLIP
+    class_accuracy: bool  # evaluate reports the share of images the project's classifier assigns their condition
+    column: str  # the registered model's request column that carries the condition
+    column_type: str  # that column's MLflow schema type
+    request: str  # what a request must give, for error messages ("a label")
 
     def embed(self, values: list, device: torch.device) -> torch.Tensor: ...
 
@@ -46,12 +67,33 @@ class Condition(Protocol):
 
     def check(self, values: list, source: str) -> None: ...
 
+    def values(self, data, split: str) -> list | np.ndarray:
+        """The condition of every image of a prepared ``split`` ("train" or "test")."""
+        ...
+
+    def sample_values(self, data, n: int) -> list:
+        """The conditions of ``n`` evaluation samples."""
+        ...
+
+    def parse_request(self, value: object, row: int) -> object | None:
+        """A request's ``column`` value as a condition; None when it cannot be one (the caller then says what
+        the model needs); ValueError for one of the right type but out of range."""
+        ...
+
+    def with_module(self, module: nn.Module) -> Condition:
+        """The same conditioner around ``module`` (its fine-tuned weights)."""
+        ...
+
 
 class ClassCondition:
     """Integer labels 0..num_classes-1; the null label is ``num_classes``."""
 
     kind = "class"
     folder = "label_embedding"
+    trainable = True  # as cin256-v2 trains its class embedder
+    clip_score = False
+    class_accuracy = True
+    column, column_type, request = "label", "long", "a label"
 
     def __init__(self, module: LabelEmbedding) -> None:
         self.module = module.eval().requires_grad_(False)
@@ -71,12 +113,32 @@ class ClassCondition:
             raise DiffpruneError(f"{source}: labels must be integers in 0..{self.num_classes - 1}"
                                  + (f" (got {bad[0]})" if bad else ""))
 
+    def values(self, data, split: str) -> np.ndarray:
+        labels = data.train_labels if split == "train" else data.test_labels
+        self.check(labels.tolist(), f"prepared {split} labels")
+        return labels
+
+    def sample_values(self, data, n: int) -> list[int]:
+        """Classes in turn: a class-balanced set."""
+        return [i % self.num_classes for i in range(n)]
+
+    def parse_request(self, value: object, row: int) -> int:
+        # Only the sign here: the classes' range is checked with the batch's conditions (``check``).
+        return request_int(value, self.column, row, minimum=0)
+
+    def with_module(self, module: LabelEmbedding) -> ClassCondition:
+        return ClassCondition(module)
+
 
 class TextCondition:
     """Prompts, tokenized and encoded by a frozen text encoder (CLIP's last hidden state, as Stable Diffusion)."""
 
     kind = "text"
     folder = "text_encoder"
+    trainable = False  # text encoders always stay frozen
+    clip_score = True
+    class_accuracy = False
+    column, column_type, request = "prompt", "string", "a prompt string"
 
     def __init__(self, module: nn.Module, tokenizer) -> None:
         self.module = module.eval().requires_grad_(False)
@@ -95,3 +157,25 @@ class TextCondition:
         bad = next((v for v in values if not isinstance(v, str)), None)
         if bad is not None:
             raise DiffpruneError(f"{source}: prompts must be strings (got {bad!r})")
+
+    def values(self, data, split: str) -> list[str]:
+        captions = (data.captions or {}).get(split)
+        if captions is None:
+            raise DiffpruneError("the model is text-conditional but the prepared data has no captions; set "
+                                 "data.caption_template or data.captions and re-run prepare")
+        return captions
+
+    def sample_values(self, data, n: int) -> list[str]:
+        """The held-out captions in turn."""
+        captions = self.values(data, "test")
+        return [captions[i % len(captions)] for i in range(n)]
+
+    def parse_request(self, value: object, row: int) -> str | None:
+        return value if isinstance(value, str) else None
+
+    def with_module(self, module: nn.Module) -> TextCondition:
+        return TextCondition(module, self.tokenizer)
+
+
+# Every condition kind, in the order of the registered model's request columns.
+CONDITIONS: tuple[type[Condition], ...] = (ClassCondition, TextCondition)

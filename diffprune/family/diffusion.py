@@ -17,7 +17,6 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from diffprune.common.errors import DiffpruneError
 from diffprune.family.conditioning import Condition
 
 
@@ -140,27 +139,12 @@ class Diffusion:
 
     def conditions(self, data, split: str = "train") -> list | np.ndarray | None:
         """The condition of every image of a prepared split (labels or captions); None if unconditional."""
-        if self.condition is None:
-            return None
-        if self.condition.kind == "class":
-            labels = data.train_labels if split == "train" else data.test_labels
-            self.condition.check(labels.tolist(), f"prepared {split} labels")
-            return labels
-        captions = (data.captions or {}).get(split)
-        if captions is None:
-            raise DiffpruneError("the model is text-conditional but the prepared data has no captions; set "
-                                 "data.caption_template or data.captions and re-run prepare")
-        return captions
+        return None if self.condition is None else self.condition.values(data, split)
 
     def sample_conditions(self, data, n: int) -> list | None:
-        """Conditions of ``n`` evaluation samples: classes in turn (a class-balanced set), or the held-out
-        captions in turn; None if unconditional."""
-        if self.condition is None:
-            return None
-        if self.condition.kind == "class":
-            return [i % self.condition.num_classes for i in range(n)]
-        captions = self.conditions(data, "test")
-        return [captions[i % len(captions)] for i in range(n)]
+        """Conditions of ``n`` evaluation samples (classes in turn, or the held-out captions in turn); None if
+        unconditional."""
+        return None if self.condition is None else self.condition.sample_values(data, n)
 
     def example_inputs(self, batch: int = 1, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Inputs of one denoiser call, for tracing (torch-pruning) and MACs."""

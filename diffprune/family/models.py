@@ -24,7 +24,7 @@ from diffprune.family.conditioning import ClassCondition, LabelEmbedding, TextCo
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.persist import ARCH_FILE, DENOISERS, describe, load_exact
 from diffprune.family.shipped import ASSETS, BUILTIN_TEACHER  # noqa: F401 (re-exported)
-from diffprune.pipeline.stage_params import ArchParams, FastPathParams
+from diffprune.pipeline.stage_params import DDIM, DEFAULT_SAMPLER, SAMPLERS, ArchParams, FastPathParams
 
 
 def build_unet(arch: ArchParams, resolution: int, channels: int) -> UNet2DModel:
@@ -136,9 +136,10 @@ def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu") ->
 def _load_condition(model_dir: Path, unet: torch.nn.Module):
     if not getattr(unet.config, "cross_attention_dim", None):
         return None
-    if (model_dir / "label_embedding" / "config.json").is_file():
-        return ClassCondition(_from_pretrained(LabelEmbedding, model_dir / "label_embedding"))
-    if (model_dir / "text_encoder" / "config.json").is_file():
+    labels, text = model_dir / ClassCondition.folder, model_dir / TextCondition.folder
+    if (labels / "config.json").is_file():
+        return ClassCondition(_from_pretrained(LabelEmbedding, labels))
+    if (text / "config.json").is_file():
         try:
             from transformers import AutoTokenizer, CLIPTextModel
         except ImportError:
@@ -149,9 +150,9 @@ def _load_condition(model_dir: Path, unet: torch.nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
         except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
             raise DiffpruneError(f"{model_dir / 'tokenizer'}: cannot load the tokenizer ({_first_line(exc)})") from None
-        return TextCondition(_from_pretrained(CLIPTextModel, model_dir / "text_encoder"), tokenizer)
+        return TextCondition(_from_pretrained(CLIPTextModel, text), tokenizer)
     raise DiffpruneError(f"{model_dir}: the unet is conditional (cross-attention) but the folder has neither "
-                         "label_embedding/ nor text_encoder/ + tokenizer/")
+                         f"{labels.name}/ nor {text.name}/ + tokenizer/")
 
 
 def _model_index(model_dir: Path) -> dict:
@@ -185,21 +186,21 @@ def _from_pretrained(cls, folder: Path):
         raise DiffpruneError(f"{folder}: cannot load weights ({_first_line(exc)})") from None
 
 
-def load_pipeline(model_dir: str | Path, kind: str = "ddim", device: str | torch.device = "cpu",
+def load_pipeline(model_dir: str | Path, kind: str = DEFAULT_SAMPLER, device: str | torch.device = "cpu",
                   fast: FastPathParams | None = inference.DEFAULTS):
     """A ready diffusers ``DDIMPipeline`` or ``DDPMPipeline`` for a saved (possibly pruned) pixel model, on
     the fast path ``fast`` for ``device`` (a pipeline runs outside our autocast, so reduced precision casts
     the denoiser's weights; None: plain fp32)."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    if kind not in ("ddim", "ddpm"):
-        raise DiffpruneError(f"pipeline kind {kind!r}: expected 'ddim' or 'ddpm'")
+    if kind not in SAMPLERS:
+        raise DiffpruneError(f"pipeline kind {kind!r}: expected {' or '.join(map(repr, SAMPLERS))}")
     unet, scheduler = load_model(model_dir, device)
     path = inference.resolve(fast, device)
     unet = inference.prepare(unet, path)
     if path.dtype is not None:
         unet = unet.to(path.dtype)
-    if kind == "ddim":
+    if kind == DDIM:
         return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 

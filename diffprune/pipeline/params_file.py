@@ -17,8 +17,9 @@ from diffprune.pipeline.generated import generator_main
 HEADER = """\
 # diffprune parameters: one group per stage, plus register, tracking, schedule, orchestration, sweep.
 # Every stage reads only its own group; `diffprune <stage> --set key=value` overrides a key of it.
-# Generated from diffprune/pipeline/*params.py by `python -m diffprune.pipeline.params_file`: change defaults there (a test
-# checks that the two agree). For your own runs edit values here, pass --set, or use --params FILE.
+# Generated from diffprune/pipeline/stage_params.py and config.py by `python -m diffprune.pipeline.params_file`:
+# change defaults there (a test checks that the two agree). For your own runs edit values here, pass --set,
+# or use --params FILE.
 """
 COMMENT_COLUMN = 27
 WIDTH = 120  # a comment that would run past this goes on the line above its key
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     def render_args(args) -> str:
         return render(load_params(args.preset) if args.preset else None)
 
-    return generator_main("diffprune.pipeline.params_file", __doc__, "params.yaml", "the defaults in diffprune/pipeline/stage_params.py and config.py",
-                          render_args, argv, configure)
+    source = "the defaults in diffprune/pipeline/stage_params.py and config.py"
+    return generator_main("diffprune.pipeline.params_file", __doc__, "params.yaml", source, render_args, argv,
+                          configure)
 
 
 if __name__ == "__main__":

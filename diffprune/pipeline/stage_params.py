@@ -12,6 +12,13 @@ from diffprune.pruning import criteria
 
 Criterion = Literal[criteria.NAMES]
 Variant = Literal[criteria.VARIANTS]
+# The samplers by name and the default number of sampling steps, defined once here, in the schema every room
+# reads: evaluate's params, sampling, the registered model's requests and load_pipeline all refer to these.
+DDIM, DDPM = "ddim", "ddpm"
+SAMPLERS = (DDIM, DDPM)  # DDIM: deterministic at eta 0, strided; DDPM: ancestral, fresh noise every step
+DEFAULT_SAMPLER = DDIM
+DEFAULT_STEPS = 50  # evaluate.steps and register.predict_steps
+Sampler = Literal[SAMPLERS]
 # Flags declared on fields (``json_schema_extra``): read by the cache key and the training resume check.
 NOT_KEYED = {"cache_key": False}  # where things are kept, not what is computed: not part of a cache key
 RESUMABLE = {"resumable": True}  # run length: may change between a run and its resumption
@@ -200,8 +207,9 @@ class FastPathParams(_Strict):
 class EvaluateParams(_Strict):
     """Sampling, FID, SSIM and efficiency of teacher vs student (stage evaluate)."""
 
-    sampler: Literal["ddim", "ddpm"] = Field("ddim", description="ddim (eta 0) | ddpm")
-    steps: int = Field(50, ge=1, le=10000, description="the paper uses 100; 50 halves the CPU time of the default run")
+    sampler: Sampler = Field(DEFAULT_SAMPLER, description=" | ".join(SAMPLERS) + " (see eta)")
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=10000,
+                       description=f"the paper uses 100; {DEFAULT_STEPS} halves the CPU time of the default run")
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM's eta")
     guidance_scale: float = Field(
         1.0, ge=0.0, description="conditional models: classifier-free guidance scale (1: none; the paper's LDM: 3)")
@@ -236,6 +244,7 @@ class RegisterParams(_Strict):
     max_macs_ratio: float = Field(0.6, gt=0.0, le=1.0, description="gate: pruned MACs <= this × the teacher's")
     champion_margin: float = Field(
         0.05, ge=0.0, description="gate: FID ratio <= (1 + this) × the current champion's")
-    predict_steps: int = Field(50, ge=1, description="the registered model's default DDIM steps in predict()")
+    predict_steps: int = Field(
+        DEFAULT_STEPS, ge=1, description="the registered model's default DDIM steps in predict()")
 
 

@@ -15,7 +15,6 @@ computation fail (``UnseenName``), so a stage never runs code its key does not c
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from diffprune.common.errors import DiffpruneError
 from diffprune.common.runtime import resolve_device
 from diffprune.data.datasets import load_prepared, prepare_dataset
 from diffprune.evaluation.compare import evaluate_pair
-from diffprune.family.conditioning import ClassCondition
 from diffprune.family.diffusion import Diffusion, images_to_tensor
 from diffprune.family.latents import training_inputs, write_latents
 from diffprune.family.models import (
@@ -50,11 +48,11 @@ from diffprune.pipeline.stage_params import (
     TeacherParams,
 )
 from diffprune.pruning.criteria import criterion as criterion_row
-from diffprune.pruning.importance import accumulate_gradients
+from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.macs import macs_and_params
 from diffprune.pruning.scores import read_scores, write_loss_over_t
 from diffprune.pruning.structural import layer_widths, prune_to_macs, prune_unet, reinitialise
-from diffprune.training.loop import is_main_process, train, write_loss_history
+from diffprune.training.loop import Conditioning, Distillation, is_main_process, train, write_loss_history
 
 PathLike = str | Path
 
@@ -77,7 +75,7 @@ def teacher(params: TeacherParams, *, data: PathLike, out: PathLike, checkpoints
         torch.manual_seed(params.train.seed)
         unet = build_unet(params.architecture, prepared.resolution, prepared.channels)
         scheduler = make_scheduler(params.num_train_timesteps)
-        result = train(unet, scheduler, prepared.train, params.train, checkpoints)
+        result = train(Diffusion(unet, scheduler), prepared.train, params.train, checkpoints)
         model = Diffusion(result.model, scheduler)
         info.update(steps=result.steps, train_seconds=round(result.seconds, 1), world_size=result.world_size,
                     final_loss=result.final_loss)
@@ -117,17 +115,14 @@ def finetune(params: FinetuneParams, *, data: PathLike, student: PathLike, teach
     prepared = load_prepared(data)
     model = load_diffusion(student)
     _check_fits(model, prepared, str(student))
-    teacher_model = load_diffusion(teacher) if params.distill else None
-    joint = params.train_label_embedding and model.condition is not None and model.condition.kind == "class"
-    result = train(model.unet, model.scheduler, training_inputs(model, teacher, prepared), params, checkpoints,
-                   teacher=teacher_model.unet if teacher_model else None,
-                   teacher_family=teacher_model if joint else None,  # frozen conditioners are the teacher's own
-                   distill_weight=params.distill_weight if params.distill else 0.0, family=model,
-                   conditions=model.conditions(prepared), condition_dropout=params.condition_dropout,
-                   train_condition=joint)
-    student_model = model.with_unet(result.model)
-    if joint:
-        student_model = dataclasses.replace(student_model, condition=ClassCondition(result.condition))
+    distillation = Distillation(load_diffusion(teacher), params.distill_weight) if params.distill else None
+    conditioning = None
+    if model.conditional:  # the label embedding trains too when asked and it can (text encoders never do)
+        joint = params.train_label_embedding and model.condition.trainable
+        conditioning = Conditioning(model.conditions(prepared), params.condition_dropout, joint)
+    result = train(model, training_inputs(model, teacher, prepared), params, checkpoints,
+                   conditioning=conditioning, distillation=distillation)
+    student_model = result.trained(model)
     info = {"steps": result.steps, "train_seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
             "world_size": result.world_size, "final_loss": result.final_loss, "distill": params.distill,
             "params": count_params(result.model), "family": model.family}
@@ -183,9 +178,8 @@ def score(params: ScoreParams, *, data: PathLike, teacher: PathLike, out: PathLi
         if row.needs_gradients:
             device = resolve_device(params.device)
             batches, contexts = _score_batches(model, teacher, prepared, params, device)
-            result = accumulate_gradients(unet, model.scheduler, batches, params.criterion, params.thr, params.seed,
-                                          device, contexts=contexts, timestep_batch=params.timestep_batch,
-                                          variant=params.variant)
+            options = ScoreOptions(params.criterion, params.thr, params.seed, params.timestep_batch, params.variant)
+            result = accumulate_gradients(model, batches, options, contexts=contexts, device=device)
             save_file({k: v.contiguous().cpu() for k, v in result.grads.items()}, tmp / "gradients.safetensors")
             write_loss_over_t(result.timesteps, result.losses, tmp / "loss_over_t.csv")
             _write_layer_importance(unet, result.grads, tmp / "importance.csv")

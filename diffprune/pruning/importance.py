@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from diffprune.common.progress import bar as progress_bar
 from diffprune.common.runtime import derive_seed
-from diffprune.family.diffusion import denoise
+from diffprune.family.diffusion import Diffusion, denoise
 from diffprune.pruning.criteria import criterion as criterion_row
 
 
@@ -35,46 +34,55 @@ class GradientPass:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How the gradient pass runs: the ``score`` params that shape its result."""
+
+    criterion: str
+    thr: float  # diff-pruning: stop after the first t whose loss < thr × the max so far (0: all T steps)
+    seed: int = 0  # the batches' noise
+    timestep_batch: int = 1  # timesteps per forward/backward (k copies of each batch, one per t)
+    variant: str = "diffusers"  # or "paper": the code behind the paper's tables
+
+
 def accumulate_gradients(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler,
+    model: Diffusion,
     batches: list[torch.Tensor],
-    criterion: str,
-    thr: float,
-    seed: int = 0,
+    options: ScoreOptions,
+    *,
+    contexts: list[torch.Tensor | None] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    contexts: list[torch.Tensor | None] | None = None,
-    timestep_batch: int = 1,
-    variant: str = "diffusers",
 ) -> GradientPass:
-    """Run the timestep loop over ``batches`` (model inputs x0, NCHW); see the module docstring.
+    """Run the timestep loop of ``model``'s denoiser over ``batches`` (model inputs x0, NCHW); see the
+    module docstring.
 
     ``contexts``: the cross-attention context of each batch's conditions (conditional models); a batch
     given twice with different contexts (its real and its null condition) shares its noise.
-    ``timestep_batch``: timesteps evaluated in one forward/backward (k copies of each batch, one per t).
-    The result is the sequential loop's: each t's loss is its own mean, the chunk's per-t losses decide
-    where the loop stops, and only the timesteps up to and including that one enter the backward pass.
-    ``variant`` "paper": the loss of ``ddpm_exp`` (squared error summed over C, H, W, averaged over the
-    batch) and its stop, checked before the backward pass (the first sub-threshold step is left out).
+    ``options.timestep_batch``: timesteps evaluated in one forward/backward. The result is the sequential
+    loop's: each t's loss is its own mean, the chunk's per-t losses decide where the loop stops, and only
+    the timesteps up to and including that one enter the backward pass.
+    ``options.variant`` "paper": the loss of ``ddpm_exp`` (squared error summed over C, H, W, averaged over
+    the batch) and its stop, checked before the backward pass (the first sub-threshold step is left out).
     """
-    unet = unet.to(device).eval()
+    scheduler, variant, chunk = model.scheduler, options.variant, max(1, options.timestep_batch)
+    unet = model.unet.to(device).eval()
     unet.zero_grad(set_to_none=True)
     T = scheduler.config.num_train_timesteps
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     noises, first = [], {}
     for b, x0 in enumerate(batches):
         b0 = first.setdefault(id(x0), b)  # the same batch object draws the same noise
-        gen = torch.Generator().manual_seed(derive_seed(seed, b0))
+        gen = torch.Generator().manual_seed(derive_seed(options.seed, b0))
         noises.append(torch.randn(x0.shape, generator=gen).to(device))
     batches = [x.to(device) for x in batches]
     contexts = [None if c is None else c.to(device) for c in (contexts or [None] * len(batches))]
-    stop = thr if criterion_row(criterion).uses_threshold else 0.0
+    stop = options.thr if criterion_row(options.criterion).uses_threshold else 0.0
     visited, losses, loss_max = [], [], 0.0
     start = time.perf_counter()
-    bar = progress_bar(total=T, desc=f"score {criterion}", disable=not progress, unit="t", leave=False)
-    for t0 in range(0, T, max(1, timestep_batch)):
-        ts = torch.arange(t0, min(T, t0 + max(1, timestep_batch)), device=device)
+    bar = progress_bar(total=T, desc=f"score {options.criterion}", disable=not progress, unit="t", leave=False)
+    for t0 in range(0, T, chunk):
+        ts = torch.arange(t0, min(T, t0 + chunk), device=device)
         scale = batches[0][0].numel() if variant == "paper" else 1  # summed, not averaged, over C, H, W
         per_t = [_losses_at(unet, x0, eps, context, ts, alphas) * scale / len(batches)
                  for x0, eps, context in zip(batches, noises, contexts, strict=True)]

@@ -3,9 +3,10 @@
 MLflow logs this file itself (not a pickled instance) and executes it at load time, so loading a
 registered model never unpickles anything: the weights are safetensors, the rest JSON.
 
-Input: rows of ``num_images`` (int ≥ 1) and ``seed`` (int), optionally ``steps`` (int ≥ 1) and
-``sampler`` ("ddim" or "ddpm"); for conditional models ``label`` (int, class-conditional) or
-``prompt`` (str, text-conditional) and ``guidance_scale`` (float ≥ 0; default: the one evaluated).
+Input: rows of :data:`COLUMNS` — ``num_images`` (int ≥ 1) and ``seed`` (int), optionally ``steps`` (int ≥ 1)
+and ``sampler`` (one of :data:`diffprune.pipeline.stage_params.SAMPLERS`); for conditional models the condition's
+column (``label``: int, class-conditional; ``prompt``: str, text-conditional) and ``guidance_scale``
+(float ≥ 0; default: the one evaluated).
 Output: uint8 images (N, H, W, C), rows concatenated in order. Image i of a seed is the same
 whatever else is asked (per-image noise streams).
 """
@@ -13,6 +14,7 @@ whatever else is asked (per-image noise streams).
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -21,13 +23,32 @@ import pandas as pd
 import torch
 
 from diffprune.common.errors import DiffpruneError
-from diffprune.evaluation.sampling import generate
+from diffprune.evaluation.sampling import SamplerOptions, generate
+from diffprune.family.conditioning import CONDITIONS, Condition, request_int
 from diffprune.family.models import load_diffusion
-from diffprune.pipeline.stage_params import FastPathParams
+from diffprune.pipeline.stage_params import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, FastPathParams
 
-COLUMNS = ("num_images", "seed", "steps", "sampler", "label", "prompt", "guidance_scale")
-SAMPLERS = ("ddim", "ddpm")
-DEFAULT_STEPS = 50
+
+@dataclass(frozen=True)
+class Column:
+    """One input column of the registered model."""
+
+    name: str
+    type: str  # its MLflow schema type
+    required: bool = False
+
+
+# The request table: what parse_requests reads and what the logged signature declares
+# (diffprune.tracking.register.signature). A condition kind brings its own column.
+COLUMNS = (
+    Column("num_images", "long", required=True),
+    Column("seed", "long", required=True),
+    Column("steps", "long"),
+    Column("sampler", "string"),
+    *(Column(condition.column, condition.column_type) for condition in CONDITIONS),
+    Column("guidance_scale", "double"),
+)
+_REQUIRED = " and ".join(c.name for c in COLUMNS if c.required)  # for error messages
 # One request is materialised in memory at once; this bounds what a serving endpoint can be asked for.
 MAX_IMAGES = 10_000
 
@@ -40,15 +61,6 @@ def _missing(value: Any) -> bool:
         return False
 
 
-def _as_int(value: Any, name: str, row: int, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
-        raise ValueError(f"row {row}: {name} must be an integer (got {value!r})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"row {row}: {name} must be >= {minimum} (got {value})")
-    return value
-
-
 def _rows(model_input: Any) -> list[dict]:
     if isinstance(model_input, pd.DataFrame):
         rows = model_input.to_dict("records")
@@ -58,43 +70,45 @@ def _rows(model_input: Any) -> list[dict]:
     elif isinstance(model_input, (list, tuple)) and all(isinstance(r, dict) for r in model_input):
         rows = list(model_input)
     else:
-        raise ValueError("input must be a DataFrame, a dict or a list of dicts with columns num_images and seed "
+        raise ValueError(f"input must be a DataFrame, a dict or a list of dicts with columns {_REQUIRED} "
                          f"(got {type(model_input).__name__})")
     if not rows:
-        raise ValueError("input has no rows: give at least one row with num_images and seed")
+        raise ValueError(f"input has no rows: give at least one row with {_REQUIRED}")
     return rows
 
 
-def _condition(row: dict, i: int, kind: str | None):
-    label, prompt = row.get("label"), row.get("prompt")
-    label, prompt = (None if _missing(label) else label), (None if _missing(prompt) else prompt)
-    if kind is None:
-        if label is not None or prompt is not None:
-            raise ValueError(f"row {i}: this model is unconditional; leave out label and prompt")
+def _condition(row: dict, i: int, condition: Condition | None):
+    """The row's condition: in the model's condition column, and no other condition column given."""
+    given = {c.column: value for c in CONDITIONS if not _missing(value := row.get(c.column))}
+    if condition is None:
+        if given:
+            raise ValueError(f"row {i}: this model is unconditional; leave out "
+                             + " and ".join(c.column for c in CONDITIONS))
         return None
-    if kind == "class":
-        if prompt is not None or label is None:
-            raise ValueError(f"row {i}: this class-conditional model needs a label (and no prompt)")
-        return _as_int(label, "label", i, minimum=0)
-    if label is not None or not isinstance(prompt, str):
-        raise ValueError(f"row {i}: this text-conditional model needs a prompt string (and no label)")
-    return prompt
+    value = given.pop(condition.column, None)
+    parsed = None if value is None or given else condition.parse_request(value, i)
+    if parsed is None:
+        others = " or ".join(c.column for c in CONDITIONS if c.column != condition.column)
+        raise ValueError(f"row {i}: this {condition.kind}-conditional model needs {condition.request} "
+                         f"(and no {others})")
+    return parsed
 
 
-def parse_requests(model_input: Any, default_steps: int, kind: str | None = None,
+def parse_requests(model_input: Any, default_steps: int, condition: Condition | None = None,
                    default_guidance: float = 1.0) -> list[dict]:
     """Validated requests ``{num_images, seed, steps, sampler, condition, guidance_scale}``, one per row;
-    ``kind``: the model's condition kind (None, "class" or "text")."""
+    ``condition``: the model's conditioner (None: unconditional)."""
+    names = [c.name for c in COLUMNS]
     requests = []
     for i, row in enumerate(_rows(model_input)):
-        unknown = sorted(set(row) - set(COLUMNS))
+        unknown = sorted(set(row) - set(names))
         if unknown:
-            raise ValueError(f"row {i}: unknown column(s) {unknown}; expected some of {list(COLUMNS)}")
-        for key in ("num_images", "seed"):
-            if _missing(row.get(key)):
-                raise ValueError(f"row {i}: {key} is required")
+            raise ValueError(f"row {i}: unknown column(s) {unknown}; expected some of {names}")
+        for column in COLUMNS:
+            if column.required and _missing(row.get(column.name)):
+                raise ValueError(f"row {i}: {column.name} is required")
         sampler = row.get("sampler")
-        sampler = "ddim" if _missing(sampler) else sampler
+        sampler = DEFAULT_SAMPLER if _missing(sampler) else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"row {i}: sampler must be one of {list(SAMPLERS)} (got {sampler!r})")
         steps = row.get("steps")
@@ -103,11 +117,11 @@ def parse_requests(model_input: Any, default_steps: int, kind: str | None = None
         if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not guidance >= 0:
             raise ValueError(f"row {i}: guidance_scale must be a number >= 0 (got {guidance!r})")
         requests.append({
-            "num_images": _as_int(row["num_images"], "num_images", i, minimum=1),
-            "seed": _as_int(row["seed"], "seed", i),
-            "steps": default_steps if _missing(steps) else _as_int(steps, "steps", i, minimum=1),
+            "num_images": request_int(row["num_images"], "num_images", i, minimum=1),
+            "seed": request_int(row["seed"], "seed", i),
+            "steps": default_steps if _missing(steps) else request_int(steps, "steps", i, minimum=1),
             "sampler": sampler,
-            "condition": _condition(row, i, kind),
+            "condition": _condition(row, i, condition),
             "guidance_scale": float(guidance),
         })
     total = sum(r["num_images"] for r in requests)
@@ -131,16 +145,14 @@ class DiffpruneGenerator(mlflow.pyfunc.PythonModel):
     # MLflow 3 reads this hint: pd.DataFrame is one it leaves alone (the logged signature is the schema),
     # where Any, a union or no hint at all give warnings. Called directly, dicts and lists of dicts work too.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        condition = self.model.condition
-        requests = parse_requests(model_input, self.default_steps, condition.kind if condition else None,
-                                  self.default_guidance)
+        requests = parse_requests(model_input, self.default_steps, self.model.condition, self.default_guidance)
         images = []
         for r in requests:
-            conditions = [r["condition"]] * r["num_images"] if condition else None
+            conditions = [r["condition"]] * r["num_images"] if self.model.conditional else None
+            options = SamplerOptions(r["sampler"], r["steps"], guidance=r["guidance_scale"], fast=self.fast)
             try:
-                images.append(generate(self.model, r["num_images"], r["seed"], conditions=conditions,
-                                       guidance=r["guidance_scale"], sampler=r["sampler"], steps=r["steps"], eta=0.0,
-                                       device=self.device, desc="predict", progress=False, fast=self.fast))
+                images.append(generate(self.model, r["num_images"], r["seed"], options, conditions=conditions,
+                                       device=self.device, desc="predict", progress=False))
             except DiffpruneError as exc:  # e.g. a label outside the model's classes
                 raise ValueError(str(exc)) from None
         return np.concatenate(images).astype(np.uint8, copy=False)

@@ -54,17 +54,12 @@ def pip_requirements() -> list[str]:
 
 
 def signature() -> ModelSignature:
-    """Explicit, since without an input example MLflow would infer none (or one from predict's hints)."""
+    """Explicit, since without an input example MLflow would infer none (or one from predict's hints); the
+    columns are the request table that the model's code parses, so the two cannot drift apart."""
+    from diffprune.tracking.mlflow_model import COLUMNS  # it loads torch: only when a model is logged
+
     return ModelSignature(
-        inputs=Schema([
-            ColSpec("long", "num_images"),
-            ColSpec("long", "seed"),
-            ColSpec("long", "steps", required=False),
-            ColSpec("string", "sampler", required=False),
-            ColSpec("long", "label", required=False),  # class-conditional models
-            ColSpec("string", "prompt", required=False),  # text-conditional models
-            ColSpec("double", "guidance_scale", required=False),
-        ]),
+        inputs=Schema([ColSpec(column.type, column.name, required=column.required) for column in COLUMNS]),
         outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, -1))]),
     )
 

@@ -24,7 +24,7 @@ from diffprune.family.conditioning import ClassCondition, LabelEmbedding
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import make_scheduler, save_diffusion
 from diffprune.pipeline.stage_params import DataParams, TrainParams
-from diffprune.training.loop import train
+from diffprune.training.loop import Conditioning, train
 
 RECIPE = {
     "data": {"dataset": "digits", "resolution": 32},
@@ -68,9 +68,9 @@ def train_teacher(out: Path, recipe: dict, checkpoints: Path) -> dict:
     model = Diffusion(unet, make_scheduler(clip_sample=False), ae, "vae",
                       ClassCondition(LabelEmbedding(classes, u["context_dim"])))
     latents = model.encode(data.train)
-    result = train(unet, model.scheduler, latents, TrainParams(**recipe["train"]), checkpoints, family=model,
-                   conditions=data.train_labels, condition_dropout=recipe["label_dropout"], train_condition=True)
-    model = Diffusion(result.model, model.scheduler, ae, "vae", ClassCondition(result.condition))
+    conditioning = Conditioning(data.train_labels, recipe["label_dropout"], train_embedding=True)
+    result = train(model, latents, TrainParams(**recipe["train"]), checkpoints, conditioning=conditioning)
+    model = result.trained(model)
     save_diffusion(model, out)
     info = {"recipe": recipe, "autoencoder_seconds": round(ae_seconds, 1),
             "autoencoder_final_loss": sum(ae_losses[-50:]) / len(ae_losses[-50:]),

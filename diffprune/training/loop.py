@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,17 +26,34 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from diffusers import DDPMScheduler
 
 from diffprune.common.atomic import atomic_file
 from diffprune.common.errors import DiffpruneError
 from diffprune.common.progress import bar as progress_bar
 from diffprune.common.runtime import derive_seed
+from diffprune.family.conditioning import Condition
 from diffprune.family.diffusion import Diffusion, denoise, images_to_tensor
 from diffprune.family.models import model_hash
 from diffprune.pipeline.config import resumable_fields
 from diffprune.pipeline.stage_params import TrainParams
 from diffprune.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a conditional model trains on besides its inputs; the model's own conditioner embeds it."""
+
+    values: Sequence  # one condition per training input (labels or captions)
+    dropout: float = 0.0  # share replaced by the null condition: what classifier-free guidance needs
+    train_embedding: bool = False  # train the conditioner with the unet (``trainable`` ones: a label embedding)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Distil from ``teacher``: the target is weight·ε_teacher + (1 − weight)·ε (the paper's KD loss)."""
+
+    teacher: Diffusion  # its denoiser, and its own conditioner for when the student's trains
+    weight: float
 
 
 @dataclass
@@ -46,7 +64,7 @@ class TrainResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     world_size: int = 1
-    condition: torch.nn.Module | None = None  # the label embedding's EMA weights when trained with the unet
+    condition: torch.nn.Module | None = None  # the conditioner's EMA weights when trained with the unet
 
     @property
     def final_loss(self) -> float:
@@ -54,31 +72,31 @@ class TrainResult:
         tail = self.losses[-50:]
         return float(sum(tail) / len(tail)) if tail else float("nan")
 
+    def trained(self, model: Diffusion) -> Diffusion:
+        """``model`` around the trained denoiser, and its trained conditioner when that trained too."""
+        model = model.with_unet(self.model)
+        if self.condition is None:
+            return model
+        return dataclasses.replace(model, condition=model.condition.with_module(self.condition))
+
 
 def train(
-    unet: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    images: np.ndarray | torch.Tensor,
+    model: Diffusion,
+    inputs: np.ndarray | torch.Tensor,
     params: TrainParams,
     ckpt_root: str | Path,
     *,
-    teacher: torch.nn.Module | None = None,
-    distill_weight: float = 0.0,
-    fingerprint_extra: str = "",
+    conditioning: Conditioning | None = None,
+    distillation: Distillation | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
-    family: Diffusion | None = None,
-    conditions: np.ndarray | list | None = None,
-    condition_dropout: float = 0.0,
-    train_condition: bool = False,
-    teacher_family: Diffusion | None = None,
 ) -> TrainResult:
-    """Train ``unet`` on ``images`` for ``params.steps`` steps, resuming from ``ckpt_root`` if possible.
+    """Train ``model``'s denoiser on ``inputs`` for ``params.steps`` steps, resuming from ``ckpt_root`` if possible.
 
-    ``images``: NHWC uint8 pixels, or model inputs x0 (NCHW float, e.g. cached latents). A conditional
-    ``family`` trains on ``conditions[i]`` for input ``i``, replaced by the null condition with probability
-    ``condition_dropout`` (what classifier-free guidance needs); its frozen conditioner embeds them, or,
-    with ``train_condition``, a label embedding is trained together with the unet. The ``teacher``
-    embeds conditions with ``teacher_family``'s conditioner (default: the student's, when it is frozen).
+    ``inputs``: NHWC uint8 pixels, or model inputs x0 (NCHW float, e.g. cached latents). A conditional
+    model trains on ``conditioning.values[i]`` for input ``i``, each replaced by the null condition with
+    probability ``conditioning.dropout``; its frozen conditioner embeds them or, with ``train_embedding``,
+    trains together with the unet. ``distillation``'s teacher shares the student's frozen context, or,
+    while the student's conditioner trains, embeds the conditions with its own.
 
     Checkpoints live under ``ckpt_root/<fingerprint>/`` where the fingerprint covers everything that
     changes the result (params minus run length, architecture, data, world size), so a changed
@@ -89,28 +107,22 @@ def train(
         raise DiffpruneError("device 'cuda' requested but no CUDA device is available")
     if params.mixed_precision == "fp16" and cpu:
         raise DiffpruneError("mixed_precision 'fp16' needs a CUDA device; use 'no' (or 'bf16') on CPU")
-    if len(images) == 0:
+    if len(inputs) == 0:
         raise DiffpruneError("no training images")
     # One process may train several models with different precisions (tests, Prefect tasks); the
     # process-group part of accelerate's state survives the reset, so data parallelism is unaffected.
     AcceleratorState._reset_state()
     accel = Accelerator(cpu=cpu, mixed_precision=params.mixed_precision)
     rank, world = accel.process_index, accel.num_processes
-    data = images_to_tensor(images) if isinstance(images, np.ndarray) else images.float()
-    conditional = family is not None and family.conditional
-    if conditional and (conditions is None or len(conditions) != len(data)):
-        raise DiffpruneError(f"a {family.family} model needs one condition per training input ({len(data)})")
-    extra = [fingerprint_extra, condition_dropout, train_condition] if conditional else fingerprint_extra
-    ckpt_dir = Path(ckpt_root) / _fingerprint(unet, params, images, world, extra)
-    joint = conditional and train_condition
-    if joint:
-        if family.condition.kind != "class":
-            raise DiffpruneError("only a label embedding can be trained with the unet (text encoders stay frozen)")
-        if teacher is not None and teacher_family is None:
-            raise DiffpruneError("distilling while the label embedding trains needs the teacher's own conditioner")
-        unet = _WithLabels(unet, family.condition.module.requires_grad_(True))
-
-    unet = unet.to(accel.device).train()
+    data = images_to_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs.float()
+    conditional = model.conditional
+    if conditional and (conditioning is None or len(conditioning.values) != len(data)):
+        raise DiffpruneError(f"a {model.family} model needs one condition per training input ({len(data)})")
+    # The "" stands where an extra fingerprint part once was: checkpoints written before still resume.
+    extra = ["", conditioning.dropout, conditioning.train_embedding] if conditional else ""
+    ckpt_dir = Path(ckpt_root) / _fingerprint(model.unet, params, inputs, world, extra)
+    joint = conditional and conditioning.train_embedding
+    unet = (_with_condition(model, distillation) if joint else model.unet).to(accel.device).train()
     ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
     opt_cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(unet.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -123,11 +135,12 @@ def train(
         start, losses, resumed = state["step"], state["losses"], state["step"]
     if start > params.steps:
         raise DiffpruneError(f"{existing[-1]}: checkpoint is past steps={params.steps}; raise steps or delete it")
-    model, optimizer = accel.prepare(unet, optimizer)
+    net, optimizer = accel.prepare(unet, optimizer)
+    teacher = distillation.teacher.unet if distillation is not None else None
     if teacher is not None:
-        teacher = teacher.to(accel.device).eval().requires_grad_(False)
-    alphas = scheduler.alphas_cumprod.to(accel.device)
-    T = scheduler.config.num_train_timesteps
+        teacher.to(accel.device).eval().requires_grad_(False)
+    alphas = model.scheduler.alphas_cumprod.to(accel.device)
+    T = model.scheduler.config.num_train_timesteps
     perms: dict[int, torch.Tensor] = {}
 
     bar = progress_bar(total=params.steps, initial=start, desc="train", disable=not accel.is_main_process, unit="step")
@@ -142,33 +155,31 @@ def train(
             x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
         t = _timesteps(len(idx), T, params.antithetic, gen)
         noise = torch.randn(x0.shape, generator=gen)
-        values = _conditions(family, conditions, idx, condition_dropout, gen) if conditional else None
+        values = _conditions(model.condition, conditioning, idx, gen) if conditional else None
         x0, t, noise = x0.to(accel.device), t.to(accel.device), noise.to(accel.device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = params.lr * min(1.0, (step + 1) / params.warmup_steps) if params.warmup_steps else params.lr
         with accel.autocast():
-            context = family.context(values, accel.device) if conditional and not joint else None
-            if joint:
-                pred = model(xt, t, torch.as_tensor(np.asarray(values), device=accel.device))
-            else:
-                pred = denoise(model, xt, t, context)
+            context = model.context(values, accel.device) if conditional and not joint else None
+            pred = net(xt, t, values) if joint else denoise(net, xt, t, context)
             target = noise
-            if teacher is not None and distill_weight > 0:
+            if teacher is not None and distillation.weight > 0:
                 with torch.no_grad():
-                    if teacher_family is not None and conditional:  # its own conditioner; else the frozen shared one
-                        context = teacher_family.context(values, accel.device)
-                    target = distill_weight * denoise(teacher, xt, t, context).float() + (1 - distill_weight) * noise
+                    if joint:  # the student's conditioner is training: the teacher keeps its own
+                        context = distillation.teacher.context(values, accel.device)
+                    w = distillation.weight
+                    target = w * denoise(teacher, xt, t, context).float() + (1 - w) * noise
             loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss):
             raise DiffpruneError(f"training diverged at step {step} (loss {loss.item()}); lower lr or enable grad_clip")
         accel.backward(loss)
         if params.grad_clip:
-            accel.clip_grad_norm_(model.parameters(), params.grad_clip)
+            accel.clip_grad_norm_(net.parameters(), params.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _ema_update(ema, accel.unwrap_model(model), params, step)
+        _ema_update(ema, accel.unwrap_model(net), params, step)
         losses.append(accel.gather(loss.detach()[None]).mean().item())
         bar.update(1)
         if (step + 1) % params.log_every == 0:
@@ -177,15 +188,13 @@ def train(
         if done % params.checkpoint_every == 0 or done == params.steps:
             if accel.is_main_process:
                 state = {"losses": losses, "seed": params.seed, "world_size": world}
-                save_checkpoint(
-                    ckpt_dir, done, accel.unwrap_model(model).state_dict(), ema,
-                    optimizer.state_dict(), state, params.keep_checkpoints,
-                )
+                weights = accel.unwrap_model(net).state_dict()
+                save_checkpoint(ckpt_dir, done, weights, ema, optimizer.state_dict(), state, params.keep_checkpoints)
             accel.wait_for_everyone()
             if on_checkpoint is not None:
                 on_checkpoint(done)
     bar.close()
-    final = copy.deepcopy(accel.unwrap_model(model)).cpu().eval()
+    final = copy.deepcopy(accel.unwrap_model(net)).cpu().eval()
     dtype = next(final.parameters()).dtype
     final.load_state_dict({k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in ema.items()})
     seconds = time.perf_counter() - t0
@@ -195,23 +204,36 @@ def train(
     return TrainResult(final, losses, params.steps, resumed, seconds, world)
 
 
-class _WithLabels(torch.nn.Module):
-    """A unet and the label embedding that feeds its cross-attention, trained as one module."""
+def _with_condition(model: Diffusion, distillation: Distillation | None) -> torch.nn.Module:
+    """The unet and its conditioner as one module to train, once the conditioner may train and a teacher
+    keeps a conditioner of its own (sharing the one that trains would move the teacher's targets)."""
+    if not model.condition.trainable:
+        raise DiffpruneError("only a label embedding can be trained with the unet (text encoders stay frozen)")
+    if distillation is not None and (distillation.teacher.condition is None
+                                     or distillation.teacher.condition.module is model.condition.module):
+        raise DiffpruneError("distilling while the label embedding trains needs the teacher's own conditioner")
+    return _WithCondition(model.unet, model.condition)
 
-    def __init__(self, unet: torch.nn.Module, embedding: torch.nn.Module) -> None:
+
+class _WithCondition(torch.nn.Module):
+    """A unet and the conditioner that feeds its cross-attention, trained as one module."""
+
+    def __init__(self, unet: torch.nn.Module, condition: Condition) -> None:
         super().__init__()
-        self.unet, self.embedding = unet, embedding
+        # ``embedding``: the name its weights have in checkpoints.
+        self.unet, self.embedding = unet, condition.module.requires_grad_(True)
+        self.condition = condition
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=self.embedding(labels)).sample
+    def forward(self, x: torch.Tensor, t: torch.Tensor, values: list) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=self.condition.embed(values, x.device)).sample
 
 
-def _conditions(family: Diffusion, conditions, idx: torch.Tensor, dropout: float, gen: torch.Generator) -> list:
-    """The batch's conditions, each replaced by the null condition with probability ``dropout``."""
-    values = [conditions[i] for i in idx.tolist()]
-    if dropout > 0:
-        drop = (torch.rand(len(values), generator=gen) < dropout).tolist()
-        values = [family.condition.null() if d else v for v, d in zip(values, drop, strict=True)]
+def _conditions(condition: Condition, conditioning: Conditioning, idx: torch.Tensor, gen: torch.Generator) -> list:
+    """The batch's conditions, each replaced by the null condition with probability ``conditioning.dropout``."""
+    values = [conditioning.values[i] for i in idx.tolist()]
+    if conditioning.dropout > 0:
+        drop = (torch.rand(len(values), generator=gen) < conditioning.dropout).tolist()
+        values = [condition.null() if d else v for v, d in zip(values, drop, strict=True)]
     return values
 
 

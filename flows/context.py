@@ -60,9 +60,9 @@ class RunContext:
         self.tracker = None
         self.lost: str | None = None  # why tracking stopped mid-run, if it did
         if params.tracking.enabled:
-            from diffprune.tracking.runs import Tracker, code_tags  # MLflow only when tracking is on
+            from diffprune.tracking.runs import code_tags, start_tracking  # MLflow only when tracking is on
 
-            self.tracker = Tracker(params.tracking, run_name, {**code_tags(), **prefect_tags()})
+            self.tracker = start_tracking(params.tracking, run_name, {**code_tags(), **prefect_tags()})
 
     @classmethod
     def open(cls, params_file: str, overrides: list[str] | None, kind: str) -> RunContext:

@@ -13,6 +13,8 @@ registered model's request column — so a new kind is one class, added to :data
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -80,6 +82,11 @@ class Condition(Protocol):
         the model needs); ValueError for one of the right type but out of range."""
         ...
 
+    @classmethod
+    def load(cls, model_dir: Path, from_pretrained: Callable) -> Condition:
+        """The conditioner saved in ``model_dir / folder`` (``from_pretrained(cls, folder)`` loads a part)."""
+        ...
+
     def with_module(self, module: nn.Module) -> Condition:
         """The same conditioner around ``module`` (its fine-tuned weights)."""
         ...
@@ -125,6 +132,10 @@ class ClassCondition:
     def parse_request(self, value: object, row: int) -> int:
         # Only the sign here: the classes' range is checked with the batch's conditions (``check``).
         return request_int(value, self.column, row, minimum=0)
+
+    @classmethod
+    def load(cls, model_dir: Path, from_pretrained: Callable) -> ClassCondition:
+        return cls(from_pretrained(LabelEmbedding, model_dir / cls.folder))
 
     def with_module(self, module: LabelEmbedding) -> ClassCondition:
         return ClassCondition(module)
@@ -172,6 +183,21 @@ class TextCondition:
 
     def parse_request(self, value: object, row: int) -> str | None:
         return value if isinstance(value, str) else None
+
+    @classmethod
+    def load(cls, model_dir: Path, from_pretrained: Callable) -> TextCondition:
+        try:
+            from transformers import AutoTokenizer, CLIPTextModel
+        except ImportError:
+            raise DiffpruneError(f"{model_dir}: a text-conditional model needs the transformers package") from None
+        if not (model_dir / "tokenizer").is_dir():
+            raise DiffpruneError(f"{model_dir}: {cls.folder}/ without tokenizer/")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+        except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DiffpruneError(f"{model_dir / 'tokenizer'}: cannot load the tokenizer ({first})") from None
+        return cls(from_pretrained(CLIPTextModel, model_dir / cls.folder), tokenizer)
 
     def with_module(self, module: nn.Module) -> TextCondition:
         return TextCondition(module, self.tokenizer)

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipel
 from diffprune.common.atomic import atomic_dir
 from diffprune.common.errors import DiffpruneError
 from diffprune.family import fast_path as inference
-from diffprune.family.conditioning import ClassCondition, LabelEmbedding, TextCondition
+from diffprune.family.conditioning import CONDITIONS, TextCondition
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.persist import ARCH_FILE, DENOISERS, describe, load_exact
 from diffprune.family.shipped import ASSETS, BUILTIN_TEACHER  # noqa: F401 (re-exported)
@@ -136,23 +136,11 @@ def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu") ->
 def _load_condition(model_dir: Path, unet: torch.nn.Module):
     if not getattr(unet.config, "cross_attention_dim", None):
         return None
-    labels, text = model_dir / ClassCondition.folder, model_dir / TextCondition.folder
-    if (labels / "config.json").is_file():
-        return ClassCondition(_from_pretrained(LabelEmbedding, labels))
-    if (text / "config.json").is_file():
-        try:
-            from transformers import AutoTokenizer, CLIPTextModel
-        except ImportError:
-            raise DiffpruneError(f"{model_dir}: a text-conditional model needs the transformers package") from None
-        if not (model_dir / "tokenizer").is_dir():
-            raise DiffpruneError(f"{model_dir}: text_encoder/ without tokenizer/")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-        except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
-            raise DiffpruneError(f"{model_dir / 'tokenizer'}: cannot load the tokenizer ({_first_line(exc)})") from None
-        return TextCondition(_from_pretrained(CLIPTextModel, text), tokenizer)
-    raise DiffpruneError(f"{model_dir}: the unet is conditional (cross-attention) but the folder has neither "
-                         f"{labels.name}/ nor {text.name}/ + tokenizer/")
+    for kind in CONDITIONS:  # each kind knows its folder and how to load it
+        if (model_dir / kind.folder / "config.json").is_file():
+            return kind.load(model_dir, _from_pretrained)
+    raise DiffpruneError(f"{model_dir}: the unet is conditional (cross-attention) but the folder has no "
+                         + " or ".join(f"{kind.folder}/" for kind in CONDITIONS))
 
 
 def _model_index(model_dir: Path) -> dict:

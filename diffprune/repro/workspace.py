@@ -16,7 +16,7 @@ from diffprune.common.errors import DiffpruneError
 from diffprune.evaluation.report import headline, render
 from diffprune.pipeline.config import Params
 from diffprune.pipeline.table import LIBRARY, METRICS, STAGES
-from diffprune.tracking.runs import Tracker, code_tags, ui_url
+from diffprune.tracking.runs import code_tags, start_tracking, ui_url
 
 REGISTER = STAGES["register"]
 
@@ -45,7 +45,7 @@ def register_workspace(params: Params) -> dict:
     summaries = {s.name: _summary(s.name) for s in LIBRARY}
     hashes = dvc_hashes()
     source = {"diffprune.front_end": "dvc", "mlflow.source.type": "JOB", "mlflow.source.name": "dvc repro"}
-    tracker = Tracker(params.tracking, "dvc-repro", {**code_tags(), **source})
+    tracker = start_tracking(params.tracking, "dvc-repro", {**code_tags(), **source})
     ok = False
     try:
         for s in LIBRARY:

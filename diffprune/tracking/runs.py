@@ -201,6 +201,11 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def start_tracking(params: TrackingParams, run_name: str, tags: dict[str, str]) -> Tracker:
+    """The parent run of one pipeline run, for both front ends: the one place that picks the backend."""
+    return Tracker(params, run_name, tags)
+
+
 def _plot(points: list, curve: Curve, out: Path) -> Path:
     import matplotlib
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffprune import __version__
 from diffprune.common.atomic import atomic_dir, write_json
 from diffprune.common.digests import sha256_file
 from diffprune.common.errors import DiffpruneError
+from diffprune.common.version import VERSION
 from diffprune.pipeline.stage_params import DataParams
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -65,7 +65,7 @@ def prepare_dataset(params: DataParams, out_dir: str | Path) -> dict:
         "n_test": len(test),
         "classes": classes,
         "seed": params.seed,
-        "diffprune_version": __version__,
+        "diffprune_version": VERSION,
         "files": {},
     }
     with atomic_dir(out_dir) as tmp:

@@ -2,8 +2,9 @@
 
 A model directory has the diffusers pipeline layout (``model_index.json``, ``unet/``, ``scheduler/``
 and, by family, ``vae/`` or ``vqvae/``, ``label_embedding/``, ``text_encoder/`` + ``tokenizer/``), so
-``DDPMPipeline`` / ``LDMPipeline`` / ``StableDiffusionPipeline.from_pretrained(dir)`` also work for
-users who do not use diffprune (``model_index.json`` names the pipeline).
+``DiffusionPipeline`` / ``DDPMPipeline`` / ``LDMPipeline`` / ``StableDiffusionPipeline.from_pretrained(dir)``
+also load it in the user's own code (``model_index.json`` names the pipeline; a pruned unet is named as
+:mod:`diffprune.family.portable`'s class, which needs ``import diffprune`` first).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipel
 from diffprune.common.atomic import atomic_dir
 from diffprune.common.errors import DiffpruneError
 from diffprune.family import fast_path as inference
+from diffprune.family import portable
 from diffprune.family.conditioning import CONDITIONS, TextCondition
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.persist import ARCH_FILE, DENOISERS, describe, load_exact
@@ -77,6 +79,7 @@ def save_diffusion(model: Diffusion, out_dir: str | Path, extra: Callable[[Path]
             library = type(module).__module__
             library = library.split(".")[0] if library.startswith(("diffusers.", "transformers.")) else library
             index[folder] = [library, type(module).__name__]
+        index["unet"] = portable.index_entry(model.unet)  # stock diffusers loads pruned widths through it
         model.scheduler.save_pretrained(tmp / "scheduler")
         index["scheduler"] = ["diffusers", type(model.scheduler).__name__]
         tokenizer = getattr(model.condition, "tokenizer", None)

@@ -45,15 +45,20 @@ def describe(unet: torch.nn.Module) -> dict:
         attrs.update({a: list(getattr(module, a)) for a in _SHAPE_ATTRS if isinstance(getattr(module, a, None), tuple)})
         if tensors or attrs:
             modules[name] = {"type": type(module).__name__, "attrs": attrs, "tensors": tensors}
-    return {"format": _FORMAT, "class": type(unet).__name__, "config": _jsonable(dict(unet.config)),
+    base = next((c for c in type(unet).__mro__ if c in DENOISERS.values()), type(unet))  # not our subclasses
+    return {"format": _FORMAT, "class": base.__name__, "config": _jsonable(dict(unet.config)),
             "modules": modules}
 
 
-def rebuild(arch: dict, source: str) -> torch.nn.Module:
-    """An uninitialised-width-correct denoiser matching ``arch`` (weights still to be loaded)."""
+def rebuild(arch: dict, source: str, cls: type | None = None) -> torch.nn.Module:
+    """An uninitialised-width-correct denoiser matching ``arch`` (weights still to be loaded); ``cls``: a
+    subclass of the recorded class to build instead (the portable classes)."""
+    base = DENOISERS.get(arch.get("class", "UNet2DModel"))  # files of diffprune <0.3 name no class
+    if cls is not None and base is not None and not issubclass(cls, base):
+        raise DiffpruneError(f"{source}: holds a {base.__name__}, not a {cls.__name__}")
     if arch.get("format") != _FORMAT:
         raise DiffpruneError(f"{source}: unknown architecture format {arch.get('format')!r}")
-    cls = DENOISERS.get(arch.get("class", "UNet2DModel"))  # files of diffprune <0.3 name no class
+    cls = cls if base is not None and cls is not None else base
     if cls is None:
         raise DiffpruneError(f"{source}: class {arch.get('class')!r} is not one of {', '.join(DENOISERS)}")
     try:
@@ -81,14 +86,15 @@ def rebuild(arch: dict, source: str) -> torch.nn.Module:
     return unet
 
 
-def load_exact(unet_dir: Path) -> torch.nn.Module:
-    """Load ``unet_dir`` (``architecture.json`` + safetensors) into an exact replica."""
+def load_exact(unet_dir: Path, cls: type | None = None) -> torch.nn.Module:
+    """Load ``unet_dir`` (``architecture.json`` + safetensors) into an exact replica (of class ``cls``, a
+    subclass of the recorded one, when given)."""
     arch_path = unet_dir / ARCH_FILE
     try:
         arch = json.loads(arch_path.read_text())
     except (OSError, ValueError) as exc:
         raise DiffpruneError(f"{arch_path}: unreadable architecture ({type(exc).__name__})") from None
-    unet = rebuild(arch, str(arch_path))
+    unet = rebuild(arch, str(arch_path), cls)
     weights = unet_dir / "diffusion_pytorch_model.safetensors"
     try:
         state = load_file(weights)

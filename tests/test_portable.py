@@ -1,0 +1,95 @@
+"""Pruned folders load with stock diffusers calls and generate exactly what diffprune's own loader does."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DiffusionPipeline, LDMPipeline, StableDiffusionPipeline
+from families import tiny_family
+
+import diffprune
+from diffprune.family.models import load_diffusion, save_diffusion
+from diffprune.pruning.structural import prune_unet
+
+# family → (the pipeline class its folder names, the call that generates two images)
+FAMILIES = {
+    "pixel": (DDPMPipeline, {"batch_size": 2}),
+    "latent-vq": (LDMPipeline, {"batch_size": 2}),
+    "latent-text": (StableDiffusionPipeline, {"prompt": ["a1", "b2"], "height": 8, "width": 8,
+                                              "guidance_scale": 1.0}),
+}
+
+
+def _saved(kind: str, tmp_path, pruned: bool = True):
+    model = tiny_family(kind, tmp_path)
+    if pruned:
+        model = model.with_unet(prune_unet(model.unet, 0.5, "random"))
+    return save_diffusion(model, tmp_path / kind)
+
+
+def _images(pipe, kwargs: dict) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)  # LDMPipeline's DDPM steps draw their noise from the global generator
+    return pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np", **kwargs).images
+
+
+def _ours(folder, pipeline_class):
+    """The same pipeline class around the parts diffprune's own loader reads."""
+    model = load_diffusion(folder)
+    parts = {"unet": model.unet, "scheduler": model.scheduler, **model.modules()}
+    if model.condition is not None and getattr(model.condition, "tokenizer", None) is not None:
+        parts["tokenizer"] = model.condition.tokenizer
+    if pipeline_class is StableDiffusionPipeline:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_class(**parts)
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_stock_diffusers_loads_a_pruned_folder_and_generates_what_diffprune_does(kind, tmp_path):
+    pipeline_class, call = FAMILIES[kind]
+    folder = _saved(kind, tmp_path)
+    assert json.loads((folder / "model_index.json").read_text())["unet"][0] == "diffprune"
+    named = pipeline_class.from_pretrained(folder)
+    generic = DiffusionPipeline.from_pretrained(folder)
+    assert type(generic) is pipeline_class and isinstance(named.unet, diffprune.PrunedUNet2DModel
+                                                         if kind != "latent-text" else
+                                                         diffprune.PrunedUNet2DConditionModel)
+    cfg = named.unet.config
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 3, 24)} if kind == "latent-text" else {}
+    ours = load_diffusion(folder).unet
+    assert torch.equal(named.unet(x, 7, **kwargs).sample, ours(x, 7, **kwargs).sample), "the denoiser is exact"
+    expected = _images(_ours(folder, pipeline_class), call)
+    # diffprune freezes the parts it never trains (requires_grad False), and on the CPU that alone moves an
+    # autoencoder's or text encoder's output by float rounding (≤ 1e-6 here); the denoiser itself is exact.
+    exact = kind == "pixel"
+    for images in (_images(named, call), _images(generic, call)):
+        assert np.array_equal(images, expected) if exact else np.allclose(images, expected, rtol=0, atol=1e-5)
+
+
+def test_a_re_saved_pipeline_and_a_dropped_in_unet_still_load(tmp_path):
+    folder = _saved("pixel", tmp_path)
+    expected = _images(DDPMPipeline.from_pretrained(folder), {"batch_size": 2})
+    DDPMPipeline.from_pretrained(folder).save_pretrained(tmp_path / "resaved")
+    assert np.array_equal(_images(DDPMPipeline.from_pretrained(tmp_path / "resaved"), {"batch_size": 2}), expected)
+    # the one-liner into an existing (unpruned) pipeline
+    base = _saved("pixel", tmp_path / "base", pruned=False)
+    unet = diffprune.PrunedUNet2DModel.from_pretrained(folder, subfolder="unet")
+    assert np.array_equal(_images(DDPMPipeline.from_pretrained(base, unet=unet), {"batch_size": 2}), expected)
+
+
+def test_an_unpruned_folder_names_stock_diffusers(tmp_path):
+    folder = _saved("pixel", tmp_path, pruned=False)
+    assert json.loads((folder / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]
+
+
+def test_without_diffprune_imported_one_clear_error(tmp_path):
+    folder = _saved("pixel", tmp_path)
+    code = f"from diffusers import DDPMPipeline\nDDPMPipeline.from_pretrained({str(folder)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "import diffprune before calling `from_pretrained`" in proc.stderr, proc.stderr[-1500:]
+    assert "shape" not in proc.stderr.splitlines()[-1]

@@ -81,6 +81,22 @@ def test_a_re_saved_pipeline_and_a_dropped_in_unet_still_load(tmp_path):
     assert np.array_equal(_images(DDPMPipeline.from_pretrained(base, unet=unet), {"batch_size": 2}), expected)
 
 
+def test_the_teacher_s_own_scheduler_is_kept_in_the_folders_it_leads_to(tmp_path):
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    teacher = tiny_family("latent-text", tmp_path)
+    teacher.source_scheduler = PNDMScheduler.from_config(teacher.scheduler.config, skip_prk_steps=True,
+                                                         steps_offset=1)
+    save_diffusion(teacher, tmp_path / "teacher")
+    loaded = load_diffusion(tmp_path / "teacher")
+    assert type(loaded.scheduler) is DDPMScheduler and type(loaded.source_scheduler) is PNDMScheduler
+    folder = save_diffusion(loaded.with_unet(prune_unet(loaded.unet, 0.5, "random")), tmp_path / "pruned")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "PNDMScheduler" and config["skip_prk_steps"] and config["steps_offset"] == 1
+    assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["diffusers", "PNDMScheduler"]
+    assert type(StableDiffusionPipeline.from_pretrained(folder).scheduler) is PNDMScheduler
+
+
 def test_an_unpruned_folder_names_stock_diffusers(tmp_path):
     folder = _saved("pixel", tmp_path, pruned=False)
     assert json.loads((folder / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]

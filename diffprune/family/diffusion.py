@@ -40,6 +40,9 @@ class Diffusion:
     autoencoder: nn.Module | None = None  # frozen; latents are its (scaled) encodings
     autoencoder_folder: str = "vae"  # "vqvae" in LDMPipeline folders
     condition: Condition | None = None  # frozen label embedding or text encoder (+ tokenizer)
+    # The teacher's own scheduler when it is not a DDPMScheduler (PNDM, Euler, DPM-Solver…): diffprune trains
+    # and scores with ``scheduler`` (the same noise schedule), and every folder it saves keeps this one.
+    source_scheduler: object | None = None
 
     @property
     def family(self) -> str:

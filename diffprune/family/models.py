@@ -80,8 +80,9 @@ def save_diffusion(model: Diffusion, out_dir: str | Path, extra: Callable[[Path]
             library = library.split(".")[0] if library.startswith(("diffusers.", "transformers.")) else library
             index[folder] = [library, type(module).__name__]
         index["unet"] = portable.index_entry(model.unet)  # stock diffusers loads pruned widths through it
-        model.scheduler.save_pretrained(tmp / "scheduler")
-        index["scheduler"] = ["diffusers", type(model.scheduler).__name__]
+        scheduler = model.source_scheduler or model.scheduler  # the teacher's own class and settings
+        scheduler.save_pretrained(tmp / "scheduler")
+        index["scheduler"] = ["diffusers", type(scheduler).__name__]
         tokenizer = getattr(model.condition, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
@@ -119,7 +120,7 @@ def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu") ->
     else:
         cls = _class_of(unet_dir, DENOISERS, "unet")
         unet = _from_pretrained(cls, unet_dir)
-    scheduler = _load_scheduler(model_dir, unet)
+    scheduler, source = _load_scheduler(model_dir)
     listed = _model_index(model_dir)
     autoencoder, ae_folder = None, "vae"
     for folder in ("vqvae", "vae"):
@@ -129,7 +130,7 @@ def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu") ->
             break
         if folder in listed and listed[folder][0]:
             raise DiffpruneError(f"{model_dir}: model_index.json lists {folder} but {folder}/config.json is missing")
-    model = Diffusion(unet.eval(), scheduler, autoencoder, ae_folder, _load_condition(model_dir, unet))
+    model = Diffusion(unet.eval(), scheduler, autoencoder, ae_folder, _load_condition(model_dir, unet), source)
     if autoencoder is not None and autoencoder.config.latent_channels != model.input_shape[0]:
         raise DiffpruneError(f"{model_dir}: the unet takes {model.input_shape[0]} channels but {ae_folder} makes "
                              f"{autoencoder.config.latent_channels}-channel latents")
@@ -226,15 +227,23 @@ def _from_pipeline(pipe, ref: str) -> Diffusion:
         raise DiffpruneError(f"teacher.pretrained {ref!r}: a conditional unet without a text encoder")
     if autoencoder is not None:
         autoencoder = autoencoder.eval().requires_grad_(False)
-    return Diffusion(unet.eval(), DDPMScheduler.from_config(pipe.scheduler.config), autoencoder, ae_folder, condition)
+    source = None if type(pipe.scheduler) is DDPMScheduler else pipe.scheduler
+    return Diffusion(unet.eval(), DDPMScheduler.from_config(pipe.scheduler.config), autoencoder, ae_folder, condition,
+                     source)
 
 
-def _load_scheduler(model_dir: Path, unet: UNet2DModel) -> DDPMScheduler:
+def _load_scheduler(model_dir: Path) -> tuple[DDPMScheduler, object | None]:
+    """The DDPM scheduler diffprune trains and scores with, and the folder's own scheduler when it is of
+    another diffusers class (kept, so that every folder derived from it samples as the teacher did)."""
     cfg = model_dir / "scheduler" / "scheduler_config.json"
     if not cfg.is_file():
         raise DiffpruneError(f"{model_dir}: missing scheduler/scheduler_config.json")
     try:
-        return DDPMScheduler.from_config(json.loads(cfg.read_text()))
+        config = json.loads(cfg.read_text())
+        cls = getattr(diffusers, str(config.get("_class_name", "DDPMScheduler")), None)
+        known = isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and cls is not DDPMScheduler
+        source = cls.from_config(config) if known else None  # an unknown class: DDPM settings only, as before
+        return DDPMScheduler.from_config(config), source
     except (ValueError, TypeError) as exc:
         raise DiffpruneError(f"{cfg}: invalid scheduler config ({_first_line(exc)})") from None
 

@@ -187,3 +187,19 @@ def test_gradient_checkpointing_does_not_hide_layers_from_pruning(tmp_path):
     wrapped = copy.deepcopy(model.unet)
     wrapped.enable_gradient_checkpointing()
     assert layer_widths(prune_unet(wrapped, 0.3, "magnitude")) == plain
+
+
+def test_a_macs_target_is_met_at_the_context_length_that_is_reported(tmp_path):
+    """A text model's cross-attention cost grows with the prompt length: solving the target with a 1-token
+    context (the old way) left this model at 0.604× of the teacher's MACs when counted with its 77 tokens."""
+    from families import tiny_conditional_unet, tiny_kl, tiny_text_encoder, tiny_tokenizer
+
+    from diffprune.family.conditioning import TextCondition
+
+    tokenizer = tiny_tokenizer(tmp_path / "tok", max_length=77)
+    model = Diffusion(tiny_conditional_unet(4, 4), make_scheduler(100), tiny_kl().eval(), "vae",
+                      TextCondition(tiny_text_encoder(len(tokenizer), 77), tokenizer))
+    real = model.example_inputs()
+    assert real["encoder_hidden_states"].shape[1] == 77
+    pruned, _ = prune_to_macs(model.unet, 0.6, "random", inputs=real)
+    assert macs_and_params(pruned, real)[0] <= 0.6 * macs_and_params(model.unet, real)[0]

@@ -236,7 +236,7 @@ def prune(params: PruneParams, *, teacher: PathLike, scores: PathLike, out: Path
     start = time.perf_counter()
     if params.target_macs is not None:
         unet, ratio = prune_to_macs(unet, params.target_macs, criterion, grads, params.seed, round_to=params.round_to,
-                                    variant=variant)
+                                    variant=variant, inputs=inputs)
     else:
         ratio = params.pruning_ratio
         unet = prune_unet(unet, ratio, criterion, grads, params.seed, params.round_to, variant)

@@ -106,14 +106,18 @@ def prune_to_macs(
     tol: float = 1e-3,
     round_to: int | None = None,
     variant: str = "diffusers",
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[UNet2DModel, float]:
-    """The smallest ratio whose pruned MACs are at or under ``target`` × the original's (bisection)."""
-    base_macs, _ = macs_and_params(unet)
+    """The smallest ratio whose pruned MACs are at or under ``target`` × the original's (bisection).
+
+    ``inputs``: the denoiser call the MACs are counted at — pass the model's own (a text model's real context
+    length), so that the target is met at the cost that is reported and gated."""
+    base_macs, _ = macs_and_params(unet, inputs)
     lo, hi, best = 0.0, 0.95, None
     while hi - lo > tol:
         mid = (lo + hi) / 2
         pruned = prune_unet(copy.deepcopy(unet), mid, criterion, grads, seed, round_to, variant)
-        if macs_and_params(pruned)[0] <= target * base_macs:
+        if macs_and_params(pruned, inputs)[0] <= target * base_macs:
             hi, best = mid, pruned
         else:
             lo = mid

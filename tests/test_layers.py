@@ -35,7 +35,8 @@ ALLOWED = {
 SCHEMA = ("diffprune.pipeline.table", "diffprune.pipeline.stage_params", "diffprune.pipeline.config",
           "diffprune.pipeline.external")
 # What the schema itself may read: plain data and digests, nothing that computes.
-SCHEMA_READS = ("diffprune.common", "diffprune.pruning.criteria", "diffprune.family.shipped", *SCHEMA)
+SCHEMA_READS = ("diffprune.common", "diffprune.pruning.criteria", "diffprune.family.shipped", "diffprune.family.hub",
+                *SCHEMA)
 # Libraries of the front ends, and the only rooms that may import them.
 LIBRARIES = {"prefect": ("tasks", "flows"), "prefect_dask": ("flows",), "mlflow": ("tracking", "flows")}
 

@@ -197,14 +197,14 @@ def load_pipeline(model_dir: str | Path, kind: str = DEFAULT_SAMPLER, device: st
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
-def load_pretrained(ref: str) -> Diffusion:
-    """A local pipeline folder, or a hub id (downloaded when online, else from the HF cache)."""
+def load_pretrained(ref: str, revision: str | None = None) -> Diffusion:
+    """A local pipeline folder, or a hub id at ``revision`` (downloaded when online, else from the HF cache)."""
     if Path(ref).exists():
         return load_diffusion(ref)
     if ref.count("/") != 1 or ref.startswith((".", "/")):
         raise DiffpruneError(f"teacher.pretrained {ref!r}: no such directory, and not a hub id like owner/name")
     try:
-        pipe = DiffusionPipeline.from_pretrained(ref, use_safetensors=None)
+        pipe = DiffusionPipeline.from_pretrained(ref, use_safetensors=None, revision=revision)
     except Exception as exc:  # network, auth, missing repo: all mean "cannot get this model"
         raise DiffpruneError(
             f"teacher.pretrained {ref!r}: not in the local Hugging Face cache and cannot be downloaded "

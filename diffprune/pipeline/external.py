@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffprune.common.digests import dir_digest
+from diffprune.family.hub import resolve_revision
 from diffprune.family.shipped import ASSETS, BUILTIN_TEACHER
 
 
@@ -18,12 +19,14 @@ def image_folder(params: dict) -> dict[str, str]:
 
 def teacher_source(params: dict) -> dict[str, str]:
     """``teacher``: a shipped teacher's folder, or a pretrained one — a local folder by content, a hub id by
-    name (scratch training has no outside input)."""
+    the commit its revision resolves to (scratch training has no outside input)."""
     if params.get("source") == "builtin":
         return {"builtin": dir_digest(ASSETS / params.get("builtin", BUILTIN_TEACHER.name))}
     if params.get("source") == "pretrained":
         ref = params["pretrained"]
-        return {"pretrained": dir_digest(ref) if Path(ref).is_dir() else f"hub:{ref}"}
+        if Path(ref).is_dir():
+            return {"pretrained": dir_digest(ref)}
+        return {"pretrained": f"hub:{ref}@{resolve_revision(ref, params.get('revision'))}"}
     return {}
 
 

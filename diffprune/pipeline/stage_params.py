@@ -132,6 +132,8 @@ class TeacherParams(_Strict):
                                         "(latent, class-conditional; python -m diffprune.training.latent_teacher)")
     pretrained: str | None = Field(
         None, description="hub id (google/ddpm-cifar10-32) or a local save_pretrained folder")
+    revision: str | None = Field(
+        None, description="hub teacher: a branch, tag or commit to pin (null: main); keys carry its commit")
     num_train_timesteps: int = Field(1000, ge=2, description="T of the DDPM schedule (source=scratch)")
     architecture: ArchParams = Field(ArchParams(), description="used by source=scratch")
     train: TrainParams = Field(TrainParams(), description="used by source=scratch")

@@ -28,6 +28,7 @@ from diffprune.common.runtime import resolve_device
 from diffprune.data.datasets import load_prepared, prepare_dataset
 from diffprune.evaluation.compare import evaluate_pair
 from diffprune.family.diffusion import Diffusion, images_to_tensor
+from diffprune.family.hub import UNRESOLVED, resolve_revision
 from diffprune.family.latents import training_inputs, write_latents
 from diffprune.family.models import (
     ASSETS,
@@ -83,7 +84,7 @@ def teacher(params: TeacherParams, *, data: PathLike, out: PathLike, checkpoints
             write_loss_history(result.losses, Path(metrics) / "teacher_loss.csv")
     else:
         ref = str(ASSETS / params.builtin) if params.source == "builtin" else str(params.pretrained)
-        model = load_pretrained(ref)
+        model = load_pretrained(ref, _hub_commit(ref, params.revision))
         info["pretrained"] = f"builtin:{params.builtin}" if params.source == "builtin" else ref
         _check_fits(model, prepared, ref)
     info.update(family=model.family, params=count_params(model.unet), seconds=round(time.perf_counter() - start, 1))
@@ -97,6 +98,14 @@ def teacher(params: TeacherParams, *, data: PathLike, out: PathLike, checkpoints
         save_diffusion(model, out, extra=cache_latents)
         write_json(Path(metrics) / "teacher.json", info)
     return info
+
+
+def _hub_commit(ref: str, revision: str | None) -> str | None:
+    """The commit a hub teacher's cache key carries (what is loaded, then); a local folder: None."""
+    if Path(ref).exists():
+        return None
+    commit = resolve_revision(ref, revision)
+    return revision if commit == UNRESOLVED else commit
 
 
 def _check_fits(model: Diffusion, prepared, ref: str) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -48,3 +53,54 @@ _DIGESTS: dict[tuple, tuple[tuple, str]] = {}
 def _stat(f: Path) -> tuple[int, int, int]:
     st = f.stat()
     return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def input_digest(path: str | Path) -> str:
+    """:func:`dir_digest` of a large input from outside the store (an image folder, a teacher folder), with
+    each file's content hash remembered across processes by its path, size, modification time and inode:
+    an unchanged folder is not read again, a changed file is. Store entries are always read in full
+    (:func:`dir_digest`): a damaged entry must be caught. The memory is an SQLite file at
+    ``$DIFFPRUNE_DIGEST_CACHE`` (default ``~/.cache/diffprune/digests.sqlite``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    with _remembered() as db:
+        known = {}
+        for f in files:
+            key, stat = str(f.resolve()), _stat(f)
+            row = db.execute("SELECT sha FROM files WHERE path = ? AND size = ? AND mtime = ? AND ino = ?",
+                             (key, *stat)).fetchone()
+            known[f] = (key, stat, row[0] if row else None)
+        new = []
+        for f, (key, stat, digest) in known.items():
+            if digest is None:
+                digest = sha256_file(f)
+                # Remembered only when unchanged while read and older than the clock's granularity: a file
+                # rewritten within the same tick keeps its size and mtime ("racily clean", as git says).
+                if _stat(f) == stat and time.time_ns() - stat[1] > _RACY_NS:
+                    new.append((key, *stat, digest))
+                known[f] = (key, stat, digest)
+        with db:  # a short write at the end: other processes hashing their own inputs are not held up
+            db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", new)
+    if path.is_file():
+        return known[path][2]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + known[f][2].encode() + b"\n")
+    return h.hexdigest()
+
+
+_RACY_NS = 2_000_000_000
+
+
+@contextlib.contextmanager
+def _remembered() -> Iterator[sqlite3.Connection]:
+    location = Path(os.environ.get("DIFFPRUNE_DIGEST_CACHE") or Path.home() / ".cache" / "diffprune" / "digests.sqlite")
+    location.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(location, timeout=60)  # the processes of a sweep share it
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime INT, ino INT, sha TEXT)")
+        yield db
+    finally:
+        db.close()

@@ -7,25 +7,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffprune.common.digests import dir_digest
+from diffprune.common.digests import input_digest
 from diffprune.family.hub import resolve_revision
 from diffprune.family.shipped import ASSETS, BUILTIN_TEACHER
 
 
 def image_folder(params: dict) -> dict[str, str]:
     """``prepare``: the images of an ``imagefolder`` dataset (the other datasets are fixed by their name)."""
-    return {"images": dir_digest(params["path"])} if params.get("dataset") == "imagefolder" else {}
+    return {"images": input_digest(params["path"])} if params.get("dataset") == "imagefolder" else {}
 
 
 def teacher_source(params: dict) -> dict[str, str]:
     """``teacher``: a shipped teacher's folder, or a pretrained one — a local folder by content, a hub id by
     the commit its revision resolves to (scratch training has no outside input)."""
     if params.get("source") == "builtin":
-        return {"builtin": dir_digest(ASSETS / params.get("builtin", BUILTIN_TEACHER.name))}
+        return {"builtin": input_digest(ASSETS / params.get("builtin", BUILTIN_TEACHER.name))}
     if params.get("source") == "pretrained":
         ref = params["pretrained"]
         if Path(ref).is_dir():
-            return {"pretrained": dir_digest(ref)}
+            return {"pretrained": input_digest(ref)}
         return {"pretrained": f"hub:{ref}@{resolve_revision(ref, params.get('revision'))}"}
     return {}
 
@@ -35,4 +35,4 @@ def inception_weights(params: dict) -> dict[str, str]:
     if params.get("fid_extractor") == "classifier":
         return {}
     weights = Path(params["inception_path"])
-    return {"inception": dir_digest(weights) if weights.is_file() else "absent"}
+    return {"inception": input_digest(weights) if weights.is_file() else "absent"}

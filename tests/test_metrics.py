@@ -52,7 +52,7 @@ def test_reference_is_cached_and_names_its_extractor(digits, reference, fid_cach
     again = fid_reference(digits, tiny_eval(fid_cache), torch.device("cpu"))
     assert snapshot() == before, "the cache was rewritten"
     assert reference.name.startswith("classifier-64d") and again.name == reference.name
-    batch = torch.from_numpy(digits.test[:16]).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
+    batch = torch.from_numpy(np.array(digits.test[:16])).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)
     assert torch.equal(again.extract(batch), reference.extract(batch))  # the same classifier weights
     assert np.array_equal(again.mu, reference.mu) and np.array_equal(again.sigma, reference.sigma)
     assert np.array_equal(again.test_features, reference.test_features)

@@ -128,8 +128,8 @@ def inception_extractor(params: EvaluateParams, device: torch.device) -> Extract
 def _train_classifier(data: Prepared, params: ExtractorParams, classes: int) -> tuple[DigitClassifier, dict]:
     torch.manual_seed(params.seed)
     net = DigitClassifier(data.channels, classes, params.feature_dim)
-    x = torch.from_numpy(data.train).permute(0, 3, 1, 2).float() / 127.5 - 1
-    y = torch.from_numpy(data.train_labels)
+    x = torch.from_numpy(np.array(data.train)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = torch.from_numpy(np.array(data.train_labels))
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(derive_seed(params.seed, 0))
     for _ in progress_bar(range(params.epochs), desc="fid-classifier", unit="epoch", leave=False):
@@ -142,7 +142,7 @@ def _train_classifier(data: Prepared, params: ExtractorParams, classes: int) -> 
             opt.step()
     net.eval()
     with torch.no_grad():
-        xt = torch.from_numpy(data.test).permute(0, 3, 1, 2).float() / 127.5 - 1
+        xt = torch.from_numpy(np.array(data.test)).permute(0, 3, 1, 2).float() / 127.5 - 1
         acc = (net(xt).argmax(1).numpy() == data.test_labels).mean()
     return net, {"test_accuracy": float(acc), "classes": classes, "feature_dim": params.feature_dim,
                  "epochs": params.epochs, "n_train": len(x), "n_test": len(xt)}

@@ -22,6 +22,8 @@ from diffprune.family.conditioning import Condition
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """The one conversion between stored images and model inputs: NHWC uint8 → NCHW float in [-1, 1]."""
+    if not images.flags.writeable:  # a memory-mapped prepared set: torch wants memory it may write
+        images = np.array(images)
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 

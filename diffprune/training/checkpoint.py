@@ -7,16 +7,21 @@ named ``step-*`` is always complete; a crash leaves only a ``.step-*.tmp-*`` tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffprune.common.atomic import atomic_dir, write_json
 from diffprune.common.errors import DiffpruneError
+from diffprune.family.models import model_hash
+from diffprune.pipeline.config import resumable_fields
+from diffprune.pipeline.stage_params import TrainParams
 
 
 def save_checkpoint(
@@ -91,3 +96,27 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for idx, slots in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(slots)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def run_fingerprint(unet: torch.nn.Module, params: TrainParams, images, world: int, extra) -> str:
+    """The folder name of a training run's checkpoints: what it trains, on what, how (less the fields that
+    may change on resumption), so that only the same run resumes from them."""
+    recipe = {k: v for k, v in params.model_dump().items() if k not in resumable_fields(type(params))}
+    h = hashlib.sha256(json.dumps([recipe, model_hash(unet), world, extra], sort_keys=True, default=str).encode())
+    h.update(_content_digest(images))
+    return h.hexdigest()[:16]
+
+
+def _content_digest(images) -> bytes:
+    """sha256 of the inputs' bytes. A memory-mapped prepared set is hashed from its file (the same bytes, read
+    in chunks), so that fingerprinting it does not map the whole set into the process."""
+    if isinstance(images, np.memmap) and images.flags.c_contiguous and images.filename:
+        h, left = hashlib.sha256(), images.nbytes
+        with open(images.filename, "rb") as fh:
+            fh.seek(images.offset)
+            while left and (block := fh.read(min(left, 1 << 20))):
+                h.update(block)
+                left -= len(block)
+        return h.digest()
+    data = images if isinstance(images, np.ndarray) else images.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(data.tobytes()).digest()

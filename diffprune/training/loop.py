@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,10 +31,8 @@ from diffprune.common.progress import bar as progress_bar
 from diffprune.common.runtime import derive_seed
 from diffprune.family.conditioning import Condition
 from diffprune.family.diffusion import Diffusion, denoise, images_to_tensor
-from diffprune.family.models import model_hash
-from diffprune.pipeline.config import resumable_fields
 from diffprune.pipeline.stage_params import TrainParams
-from diffprune.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from diffprune.training.checkpoint import list_checkpoints, load_checkpoint, run_fingerprint, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -114,13 +110,15 @@ def train(
     AcceleratorState._reset_state()
     accel = Accelerator(cpu=cpu, mixed_precision=params.mixed_precision)
     rank, world = accel.process_index, accel.num_processes
-    data = images_to_tensor(inputs) if isinstance(inputs, np.ndarray) else inputs.float()
+    # Pixels stay uint8 (memory-mapped from the prepared set) and are converted a batch at a time.
+    pixels = isinstance(inputs, np.ndarray)
+    data = inputs if pixels else inputs.float()
     conditional = model.conditional
     if conditional and (conditioning is None or len(conditioning.values) != len(data)):
         raise DiffpruneError(f"a {model.family} model needs one condition per training input ({len(data)})")
     # The "" stands where an extra fingerprint part once was: checkpoints written before still resume.
     extra = ["", conditioning.dropout, conditioning.train_embedding] if conditional else ""
-    ckpt_dir = Path(ckpt_root) / _fingerprint(model.unet, params, inputs, world, extra)
+    ckpt_dir = Path(ckpt_root) / run_fingerprint(model.unet, params, inputs, world, extra)
     joint = conditional and conditioning.train_embedding
     unet = (_with_condition(model, distillation) if joint else model.unet).to(accel.device).train()
     ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
@@ -149,7 +147,7 @@ def train(
         gen = torch.Generator().manual_seed(derive_seed(params.seed, step, rank))
         torch.manual_seed(derive_seed(params.seed, step, rank, 1))  # dropout draws from the global RNG
         idx = _batch_indices(step, rank, world, params, len(data), perms)
-        x0 = data[idx]
+        x0 = images_to_tensor(data[idx.numpy()]) if pixels else data[idx]
         if params.flip:
             flips = torch.rand(len(idx), generator=gen) < 0.5
             x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
@@ -290,11 +288,3 @@ def _load_weights(model: torch.nn.Module, sd: dict, path: Path) -> None:
         model.load_state_dict(sd)
     except RuntimeError:
         raise DiffpruneError(f"{path}: checkpoint weights do not fit this model; delete it to start over") from None
-
-
-def _fingerprint(unet: torch.nn.Module, params: TrainParams, images, world: int, extra) -> str:
-    recipe = {k: v for k, v in params.model_dump().items() if k not in resumable_fields(type(params))}
-    h = hashlib.sha256(json.dumps([recipe, model_hash(unet), world, extra], sort_keys=True, default=str).encode())
-    data = images if isinstance(images, np.ndarray) else images.detach().cpu().contiguous().numpy()
-    h.update(hashlib.sha256(data.tobytes()).digest())
-    return h.hexdigest()[:16]

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,10 +67,19 @@ def run_cli(argv: list[str], executor: str, timeout_s: float | None, processes: 
         _run(argv, executor, timeout_s, processes)
 
 
+def accelerate_launch(processes: int) -> list[str]:
+    """``accelerate launch`` for one host's ``processes`` GPUs, on a port free now: two multi-GPU stages on one
+    host (a sweep's branches) would otherwise both bind accelerate's default port and one would fail."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(port)]
+
+
 def _run(argv: list[str], executor: str, timeout_s: float | None, processes: int) -> None:
     if processes > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
-        _run_child([*launch, "-m", "diffprune", *argv], timeout_s, argv[0])
+        _run_child([*accelerate_launch(processes), "-m", "diffprune", *argv], timeout_s, argv[0])
         return
     if executor == "inline":
         try:

@@ -44,3 +44,25 @@ def test_fp16_refused_only_without_cuda(tiny_unet, digits, tmp_path):
         train(Diffusion(tiny_unet, make_scheduler()), digits.train, params, tmp_path)
     except DiffpruneError:
         pytest.fail("fp16 must be accepted on CUDA")
+
+
+def test_pruning_on_the_gpu_removes_the_channels_the_cpu_removes(tiny_unet, tmp_path):
+    """The prune stage traces, searches and prunes on its device; the result is saved from the CPU."""
+    import json
+
+    from diffprune.family.models import load_diffusion, model_hash, save_model
+    from diffprune.pipeline.stage_params import PruneParams
+    from diffprune.pipeline.stages import prune
+
+    save_model(tiny_unet, make_scheduler(), tmp_path / "teacher")
+    teacher_hash = model_hash(load_diffusion(tmp_path / "teacher").unet)
+
+    widths = {}
+    for device in ("cpu", "cuda"):
+        scores = tmp_path / f"scores-{device}"
+        scores.mkdir()
+        (scores / "score.json").write_text(json.dumps({"criterion": "magnitude", "teacher": teacher_hash}))
+        info = prune(PruneParams(target_macs=0.5, pruning_ratio=None, device=device), teacher=tmp_path / "teacher",
+                     scores=scores, out=tmp_path / f"pruned-{device}", metrics=tmp_path / f"metrics-{device}")
+        widths[device] = info["widths"]
+    assert widths["cpu"] == widths["cuda"]

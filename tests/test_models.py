@@ -56,3 +56,29 @@ def test_builtin_teacher_is_prunable_and_has_attention():
     assert cfg.sample_size == 16 and cfg.in_channels == 1
     assert any("Attn" in b for b in cfg.down_block_types)
     assert all(w % cfg.norm_num_groups == 0 and w // cfg.norm_num_groups >= 2 for w in cfg.block_out_channels)
+
+
+def test_a_model_hashes_alike_in_every_process_and_after_a_round_trip(tmp_path):
+    """A fresh diffusers model lists its defaulted arguments in set order: the hash must not see that order."""
+    import os
+    import subprocess
+    import sys
+
+    from diffprune.family.models import load_diffusion, model_hash
+
+    code = ("import torch; from diffusers import UNet2DModel; from diffprune.family.models import model_hash\n"
+            "torch.manual_seed(0)\n"
+            "u = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),\n"
+            "    down_block_types=('DownBlock2D',) * 2, up_block_types=('UpBlock2D',) * 2, norm_num_groups=8)\n"
+            "print(model_hash(u))\n"
+            "import sys; from diffprune.family.models import save_model, make_scheduler\n"
+            "save_model(u, make_scheduler(), sys.argv[1])\n")
+    hashes = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        hashes.add(out.stdout.strip())
+    assert len(hashes) == 1
+    assert model_hash(load_diffusion(tmp_path / "1").unet) == hashes.pop()

@@ -260,6 +260,10 @@ def count_params(model: torch.nn.Module) -> int:
 def model_hash(unet: torch.nn.Module) -> str:
     """Content hash of a model: config, tensor names, shapes and values (not its file paths)."""
     cfg = unet.config.to_dict() if hasattr(unet.config, "to_dict") else dict(unet.config)  # transformers / diffusers
+    # Private keys are bookkeeping, not architecture: a freshly built diffusers model lists its defaulted
+    # arguments in set order (`_use_default_values`), which differs between processes, and a loaded one not at
+    # all — with them, a scratch teacher's checkpoints would never resume in a new process.
+    cfg = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, tensor in sorted(unet.state_dict().items()):
         h.update(name.encode())

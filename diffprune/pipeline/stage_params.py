@@ -4,9 +4,9 @@ are in :mod:`diffprune.pipeline.config`."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from diffprune.pruning import criteria
 
@@ -22,6 +22,10 @@ Sampler = Literal[SAMPLERS]
 # Flags declared on fields (``json_schema_extra``): read by the cache key and the training resume check.
 NOT_KEYED = {"cache_key": False}  # where things are kept, not what is computed: not part of a cache key
 RESUMABLE = {"resumable": True}  # run length: may change between a run and its resumption
+# Where a stage computes: auto (this process's GPU when there is one: cuda:LOCAL_RANK under accelerate), cpu,
+# cuda (the current GPU) or cuda:N.
+Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$"),
+                   Field(description="auto (this process's GPU, else the CPU) | cpu | cuda | cuda:N")]
 
 
 class _Strict(BaseModel):
@@ -77,7 +81,7 @@ class TrainParams(_Strict):
     antithetic: bool = Field(True, description="pair t with T-1-t in each batch, as the paper's code")
     flip: bool = Field(False, description="random horizontal flips (not for digits)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="no | fp16 | bf16 (CUDA)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    device: Device = "auto"
     checkpoint_every: int = Field(250, ge=1, json_schema_extra=RESUMABLE, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RESUMABLE, description="the newest ones are kept")
     log_every: int = Field(10, ge=1, json_schema_extra=RESUMABLE, description="steps between progress updates")
@@ -165,7 +169,7 @@ class ScoreParams(_Strict):
         False, description="conditional models: also score each batch under the null condition (models trained "
                            "with condition dropout for guidance)")
     seed: int = Field(0, description="which images form x0, and their noise")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    device: Device = "auto"
 
 
 class PruneParams(_Strict):
@@ -179,6 +183,7 @@ class PruneParams(_Strict):
     round_to: int | None = Field(
         None, ge=1, description="keep every pruned width a multiple of this (the official LDM path: 2; GPUs like 8)")
     seed: int = Field(0, description="the random criteria and re-initialisation")
+    device: Device = "auto"  # tracing, the MACs search and the pruning itself
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneParams:
@@ -234,7 +239,7 @@ class EvaluateParams(_Strict):
     latency_steps: int = Field(10, ge=1, description="denoising calls timed per repeat")
     latency_repeats: int = Field(3, ge=1, description="the median of these repeats is reported")
     grid_images: int = Field(64, ge=1, description="images in each sample grid")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    device: Device = "auto"
 
 
 class RegisterParams(_Strict):

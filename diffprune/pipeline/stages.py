@@ -93,7 +93,7 @@ def teacher(params: TeacherParams, *, data: PathLike, out: PathLike, checkpoints
 
         def cache_latents(folder: Path) -> None:
             if model.autoencoder is not None:
-                info.update(write_latents(folder, model, prepared))
+                info.update(write_latents(folder, model, prepared, resolve_device(params.train.device)))
 
         save_diffusion(model, out, extra=cache_latents)
         write_json(Path(metrics) / "teacher.json", info)
@@ -236,11 +236,12 @@ def prune(params: PruneParams, *, teacher: PathLike, scores: PathLike, out: Path
     """Remove the lowest-ranked channels (paper semantics) at a ratio or a MACs target; save pickle-free.
     Only the denoiser is pruned; the frozen parts (autoencoder, conditioner) are saved with it."""
     model = load_diffusion(teacher)
-    unet = model.unet
-    ranked = read_scores(scores, model_hash(unet))
+    ranked = read_scores(scores, model_hash(model.unet))
     criterion, variant = ranked["criterion"], ranked.get("variant") or "diffusers"
-    grads = ranked.get("gradients")
-    inputs = model.example_inputs()
+    device = resolve_device(params.device)  # tracing, the MACs search and the pruning run there
+    unet = model.unet.to(device)
+    grads = {k: v.to(device) for k, v in ranked["gradients"].items()} if ranked.get("gradients") else None
+    inputs = model.example_inputs(device=device)
     before_macs, before_params = macs_and_params(unet, inputs)
     start = time.perf_counter()
     if params.target_macs is not None:
@@ -249,6 +250,8 @@ def prune(params: PruneParams, *, teacher: PathLike, scores: PathLike, out: Path
     else:
         ratio = params.pruning_ratio
         unet = prune_unet(unet, ratio, criterion, grads, params.seed, params.round_to, variant)
+    unet = unet.cpu()  # re-initialised (seeded), counted and saved on the CPU, whichever device pruned it
+    inputs = model.to("cpu").example_inputs()
     reinit = params.reinit or criterion_row(criterion).reinit
     if reinit:
         reinitialise(unet, params.seed)

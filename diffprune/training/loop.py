@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from accelerate.state import AcceleratorState, PartialState
 from diffprune.common.atomic import atomic_file
 from diffprune.common.errors import DiffpruneError
 from diffprune.common.progress import bar as progress_bar
-from diffprune.common.runtime import derive_seed
+from diffprune.common.runtime import derive_seed, resolve_device
 from diffprune.family.conditioning import Condition
 from diffprune.family.diffusion import Diffusion, denoise, images_to_tensor
 from diffprune.pipeline.stage_params import TrainParams
@@ -98,9 +99,10 @@ def train(
     changes the result (params minus run length, architecture, data, world size), so a changed
     recipe never resumes from a stale checkpoint.
     """
-    cpu = params.device == "cpu" or not torch.cuda.is_available()
-    if params.device == "cuda" and not torch.cuda.is_available():
-        raise DiffpruneError("device 'cuda' requested but no CUDA device is available")
+    device = resolve_device(params.device)
+    cpu = device.type == "cpu"
+    if device.index is not None and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(device)  # one process on cuda:N (under accelerate launch, each rank's own GPU)
     if params.mixed_precision == "fp16" and cpu:
         raise DiffpruneError("mixed_precision 'fp16' needs a CUDA device; use 'no' (or 'bf16') on CPU")
     if len(inputs) == 0:

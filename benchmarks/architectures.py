@@ -44,7 +44,8 @@ from diffprune.pipeline.stage_params import TrainParams
 from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.macs import macs_and_params
 from diffprune.pruning.structural import prune_unet
-from diffprune.training.loop import Conditioning, Distillation, train
+from diffprune.training.loop import train
+from diffprune.training.options import Conditioning, Distillation
 
 RATIO, ROUND_TO = 0.3, 2
 

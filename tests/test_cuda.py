@@ -66,3 +66,13 @@ def test_pruning_on_the_gpu_removes_the_channels_the_cpu_removes(tiny_unet, tmp_
                      scores=scores, out=tmp_path / f"pruned-{device}", metrics=tmp_path / f"metrics-{device}")
         widths[device] = info["widths"]
     assert widths["cpu"] == widths["cuda"]
+
+
+def test_an_ema_kept_on_the_cpu_gives_the_same_model(tiny_unet, digits, tmp_path):
+    import copy
+
+    results = [train(Diffusion(copy.deepcopy(tiny_unet), make_scheduler()), digits.train,
+                     tiny_train(steps=4, device="cuda", ema_on_cpu=flag), tmp_path / str(flag))
+               for flag in (False, True)]
+    assert all(torch.allclose(a, b) for a, b in zip(results[0].model.state_dict().values(),
+                                                    results[1].model.state_dict().values(), strict=True))

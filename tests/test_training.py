@@ -15,7 +15,8 @@ from diffprune.common.errors import DiffpruneError
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import build_unet, make_scheduler
 from diffprune.training.checkpoint import list_checkpoints
-from diffprune.training.loop import Conditioning, Distillation, train
+from diffprune.training.loop import train
+from diffprune.training.options import Conditioning, Distillation
 from tiny import TINY_ARCH, tiny_train
 
 
@@ -173,3 +174,30 @@ def test_a_label_embedding_trains_with_the_unet_while_the_teachers_stays_put(tmp
     saved = result.trained(student)  # what finetune saves: the trained unet and the trained embedding
     assert saved.unet is result.model and saved.condition.module is result.condition
     assert type(saved.condition) is type(student.condition) and saved.scheduler is student.scheduler
+
+
+def test_gradient_checkpointing_trains_the_same_weights_and_is_off_afterwards(tiny_unet, digits, tmp_path):
+    plain = train(Diffusion(copy.deepcopy(tiny_unet), make_scheduler()), digits.train, tiny_train(steps=3),
+                  tmp_path / "plain")
+    student = Diffusion(copy.deepcopy(tiny_unet), make_scheduler())
+    saved = train(student, digits.train, tiny_train(steps=3, gradient_checkpointing=True), tmp_path / "saved")
+    assert plain.losses == saved.losses
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                  saved.model.state_dict().values(), strict=True))
+    assert not student.unet.is_gradient_checkpointing and not saved.model.is_gradient_checkpointing
+
+
+def test_a_bf16_teacher_distils_and_fp16_is_refused_on_the_cpu(tiny_unet, digits, tmp_path):
+    from diffprune.pipeline.stage_params import FinetuneParams
+
+    teacher = Diffusion(build_unet(TINY_ARCH, 8, 1), make_scheduler())
+    base = dict(steps=2, batch_size=8, checkpoint_every=2, device="cpu")
+    result = train(Diffusion(copy.deepcopy(tiny_unet), make_scheduler()), digits.train,
+                   FinetuneParams(**base, teacher_precision="bf16"), tmp_path / "bf16",
+                   distillation=Distillation(teacher, 0.7))
+    assert np.isfinite(result.losses).all() and next(teacher.unet.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in result.model.parameters()), "the student stays fp32"
+    with pytest.raises(DiffpruneError, match="teacher_precision 'fp16' needs a CUDA device"):
+        train(Diffusion(copy.deepcopy(tiny_unet), make_scheduler()), digits.train,
+              FinetuneParams(**base, teacher_precision="fp16"), tmp_path / "fp16",
+              distillation=Distillation(teacher, 0.7))

@@ -81,6 +81,9 @@ class TrainParams(_Strict):
     antithetic: bool = Field(True, description="pair t with T-1-t in each batch, as the paper's code")
     flip: bool = Field(False, description="random horizontal flips (not for digits)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="no | fp16 | bf16 (CUDA)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, more time (SD-sized models)")
+    ema_on_cpu: bool = Field(False, description="keep the EMA copy in CPU memory: one model's worth less on the GPU")
     device: Device = "auto"
     checkpoint_every: int = Field(250, ge=1, json_schema_extra=RESUMABLE, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, json_schema_extra=RESUMABLE, description="the newest ones are kept")
@@ -96,6 +99,8 @@ class FinetuneParams(TrainParams):
     checkpoint_every: int = Field(100, ge=1, json_schema_extra=RESUMABLE, description="steps between checkpoints")
     distill: bool = Field(True, description="target = w * teacher's epsilon + (1 - w) * true noise")
     distill_weight: float = Field(0.7, ge=0.0, le=1.0, description="w: the share of the teacher's target")
+    teacher_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the distillation teacher's weights: bf16 halves its memory (fp16: CUDA only)")
     condition_dropout: float = Field(
         0.1, ge=0.0, lt=1.0, description="conditional models: share of null conditions (classifier-free guidance)")
     train_label_embedding: bool = Field(

@@ -53,7 +53,8 @@ from diffprune.pruning.importance import ScoreOptions, accumulate_gradients
 from diffprune.pruning.macs import macs_and_params
 from diffprune.pruning.scores import read_scores, write_loss_over_t
 from diffprune.pruning.structural import layer_widths, prune_to_macs, prune_unet, reinitialise
-from diffprune.training.loop import Conditioning, Distillation, is_main_process, train, write_loss_history
+from diffprune.training.loop import is_main_process, train, write_loss_history
+from diffprune.training.options import Conditioning, Distillation
 
 PathLike = str | Path
 

@@ -24,7 +24,8 @@ from diffprune.family.conditioning import ClassCondition, LabelEmbedding
 from diffprune.family.diffusion import Diffusion
 from diffprune.family.models import make_scheduler, save_diffusion
 from diffprune.pipeline.stage_params import DataParams, TrainParams
-from diffprune.training.loop import Conditioning, train
+from diffprune.training.loop import train
+from diffprune.training.options import Conditioning
 
 RECIPE = {
     "data": {"dataset": "digits", "resolution": 32},

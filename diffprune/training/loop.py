@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,47 +32,7 @@ from diffprune.family.conditioning import Condition
 from diffprune.family.diffusion import Diffusion, denoise, images_to_tensor
 from diffprune.pipeline.stage_params import TrainParams
 from diffprune.training.checkpoint import list_checkpoints, load_checkpoint, run_fingerprint, save_checkpoint
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What a conditional model trains on besides its inputs; the model's own conditioner embeds it."""
-
-    values: Sequence  # one condition per training input (labels or captions)
-    dropout: float = 0.0  # share replaced by the null condition: what classifier-free guidance needs
-    train_embedding: bool = False  # train the conditioner with the unet (``trainable`` ones: a label embedding)
-
-
-@dataclass(frozen=True)
-class Distillation:
-    """Distil from ``teacher``: the target is weight·ε_teacher + (1 − weight)·ε (the paper's KD loss)."""
-
-    teacher: Diffusion  # its denoiser, and its own conditioner for when the student's trains
-    weight: float
-
-
-@dataclass
-class TrainResult:
-    model: torch.nn.Module  # the denoiser's EMA weights, on the CPU
-    losses: list[float] = field(default_factory=list)
-    steps: int = 0
-    resumed_from: int | None = None
-    seconds: float = 0.0
-    world_size: int = 1
-    condition: torch.nn.Module | None = None  # the conditioner's EMA weights when trained with the unet
-
-    @property
-    def final_loss(self) -> float:
-        """Mean loss of the last 50 steps: one step's loss is too noisy to report."""
-        tail = self.losses[-50:]
-        return float(sum(tail) / len(tail)) if tail else float("nan")
-
-    def trained(self, model: Diffusion) -> Diffusion:
-        """``model`` around the trained denoiser, and its trained conditioner when that trained too."""
-        model = model.with_unet(self.model)
-        if self.condition is None:
-            return model
-        return dataclasses.replace(model, condition=model.condition.with_module(self.condition))
+from diffprune.training.options import PRECISIONS, Conditioning, Distillation, TrainResult
 
 
 def train(
@@ -105,6 +63,8 @@ def train(
         torch.cuda.set_device(device)  # one process on cuda:N (under accelerate launch, each rank's own GPU)
     if params.mixed_precision == "fp16" and cpu:
         raise DiffpruneError("mixed_precision 'fp16' needs a CUDA device; use 'no' (or 'bf16') on CPU")
+    if getattr(params, "teacher_precision", "fp32") == "fp16" and cpu and distillation is not None:
+        raise DiffpruneError("finetune.teacher_precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
     if len(inputs) == 0:
         raise DiffpruneError("no training images")
     # One process may train several models with different precisions (tests, Prefect tasks); the
@@ -122,23 +82,27 @@ def train(
     extra = ["", conditioning.dropout, conditioning.train_embedding] if conditional else ""
     ckpt_dir = Path(ckpt_root) / run_fingerprint(model.unet, params, inputs, world, extra)
     joint = conditional and conditioning.train_embedding
+    if params.gradient_checkpointing:  # after any tracing: the pruner switches it off (its wrappers hide layers)
+        model.unet.enable_gradient_checkpointing()
     unet = (_with_condition(model, distillation) if joint else model.unet).to(accel.device).train()
-    ema = {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
+    ema_device = torch.device("cpu") if params.ema_on_cpu else accel.device
+    ema = {k: v.detach().clone().float().to(ema_device) for k, v in unet.state_dict().items()}
     opt_cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(unet.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     start, losses, resumed = 0, [], None
     if existing := list_checkpoints(ckpt_dir):
         model_sd, ema_sd, opt_sd, state = load_checkpoint(existing[-1])
         _load_weights(unet, model_sd, existing[-1])
-        ema = {k: v.to(accel.device) for k, v in ema_sd.items()}
+        ema = {k: v.to(ema_device) for k, v in ema_sd.items()}
         optimizer.load_state_dict(opt_sd)
         start, losses, resumed = state["step"], state["losses"], state["step"]
     if start > params.steps:
         raise DiffpruneError(f"{existing[-1]}: checkpoint is past steps={params.steps}; raise steps or delete it")
     net, optimizer = accel.prepare(unet, optimizer)
     teacher = distillation.teacher.unet if distillation is not None else None
+    teacher_dtype = PRECISIONS[getattr(params, "teacher_precision", "fp32")]
     if teacher is not None:
-        teacher.to(accel.device).eval().requires_grad_(False)
+        teacher.to(accel.device, teacher_dtype).eval().requires_grad_(False)
     alphas = model.scheduler.alphas_cumprod.to(accel.device)
     T = model.scheduler.config.num_train_timesteps
     perms: dict[int, torch.Tensor] = {}
@@ -170,7 +134,9 @@ def train(
                     if joint:  # the student's conditioner is training: the teacher keeps its own
                         context = distillation.teacher.context(values, accel.device)
                     w = distillation.weight
-                    target = w * denoise(teacher, xt, t, context).float() + (1 - w) * noise
+                    cast = (lambda x: x) if teacher_dtype == torch.float32 else (lambda x: x.to(teacher_dtype))
+                    guide = denoise(teacher, cast(xt), t, None if context is None else cast(context))
+                    target = w * guide.float() + (1 - w) * noise
             loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss):
             raise DiffpruneError(f"training diverged at step {step} (loss {loss.item()}); lower lr or enable grad_clip")
@@ -194,6 +160,8 @@ def train(
             if on_checkpoint is not None:
                 on_checkpoint(done)
     bar.close()
+    if params.gradient_checkpointing:  # a training setting, not part of the model handed back
+        model.unet.disable_gradient_checkpointing()
     final = copy.deepcopy(accel.unwrap_model(net)).cpu().eval()
     dtype = next(final.parameters()).dtype
     final.load_state_dict({k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in ema.items()})
@@ -280,7 +248,7 @@ def _ema_update(ema: dict, model: torch.nn.Module, params: TrainParams, step: in
     with torch.no_grad():
         for name, value in model.state_dict().items():
             if value.dtype.is_floating_point:
-                ema[name].mul_(decay).add_(value.float(), alpha=1 - decay)
+                ema[name].mul_(decay).add_(value.float().to(ema[name].device), alpha=1 - decay)
             else:
                 ema[name].copy_(value)
 

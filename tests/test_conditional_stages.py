@@ -120,6 +120,31 @@ def test_a_captions_file_that_does_not_match_the_images_is_one_line(project, cap
     assert not (project / "data" / "prepared").exists()
 
 
+def test_several_captions_per_image_are_kept_and_training_draws_among_them(project):
+    import torch
+
+    from diffprune.data.datasets import load_prepared
+    from diffprune.family.conditioning import TextCondition
+    from diffprune.training.loop import _conditions
+    from diffprune.training.options import Conditioning
+
+    _imagefolder(project / "imgs")
+    rows = [{"file": f"{c}/{i}.png", "text": f"{c}{i}"} for c in "ab" for i in range(6)]
+    rows.append({"file": "a/0.png", "text": "a zero, said again"})
+    (project / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["prepare", "--set", "dataset=imagefolder", "--set", f"path={project / 'imgs'}",
+                 "--set", f"captions={project / 'caps.jsonl'}", "--set", "test_fraction=0.1"]) == 0
+    data = load_prepared(project / "data" / "prepared")
+    captions = data.captions["train"] + data.captions["test"]
+    assert ["a0", "a zero, said again"] in captions and sum(isinstance(c, list) for c in captions) == 1
+    text = TextCondition.__new__(TextCondition)  # the data-side methods need no encoder
+    assert all(isinstance(v, str) for v in text.values(data, "train")), "scoring and evaluation: the first"
+    two = ["a0", "a zero, said again"]
+    picks = {_conditions(text, Conditioning([two]), torch.zeros(1, dtype=torch.long),
+                         torch.Generator().manual_seed(step))[0] for step in range(20)}
+    assert picks == set(two), "training sees every caption of the image"
+
+
 def test_a_negative_guidance_scale_is_refused_naming_the_key(project, capsys):
     assert main(["evaluate", "--set", "guidance_scale=-1"]) == 2
     err = capsys.readouterr().err.strip()

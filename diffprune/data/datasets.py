@@ -4,8 +4,9 @@ Layout written by :func:`prepare_dataset` (all arrays NHWC uint8, saved with ``a
 
     train.npy  train_labels.npy  test.npy  test_labels.npy  manifest.json  [captions.json]
 
-``captions.json`` (``{"train": [...], "test": [...]}``, one caption per image) is written for text
-models, from ``data.captions`` (a JSONL file) or ``data.caption_template`` over the class names.
+``captions.json`` (``{"train": [...], "test": [...]}``: per image its caption, or the list of its captions)
+is written for text models, from ``data.captions`` (a JSONL file) or ``data.caption_template`` over the
+class names.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Prepared:
     test: np.ndarray
     test_labels: np.ndarray
     manifest: dict
-    captions: dict[str, list[str]] | None = None  # "train" / "test": one caption per image
+    captions: dict[str, list] | None = None  # "train" / "test": per image a caption or a list of captions
 
     @property
     def channels(self) -> int:

@@ -112,11 +112,12 @@ def _imagefolder(params: DataParams) -> Source:
     return Source(train, test, f"imagefolder:{root.resolve()}", classes)
 
 
-def _read_captions(params: DataParams, root: Path, names: list[str]) -> list[str]:
-    """One caption per image from a JSONL file of ``{"file": <path relative to data.path>, "text": ...}``."""
+def _read_captions(params: DataParams, root: Path, names: list[str]) -> list[str | list[str]]:
+    """The captions of every image from a JSONL file of ``{"file": <path relative to data.path>, "text": ...}``:
+    one line per caption, several lines for an image with several (kept as a list, in file order)."""
     path = Path(params.captions)
     path = path if path.is_absolute() or path.is_file() else root / path
-    texts: dict[str, str] = {}
+    texts: dict[str, list[str]] = {}
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
@@ -126,7 +127,7 @@ def _read_captions(params: DataParams, root: Path, names: list[str]) -> list[str
             continue
         try:
             row = json.loads(line)
-            texts[str(row["file"])] = str(row["text"])
+            texts.setdefault(str(row["file"]), []).append(str(row["text"]))
         except (ValueError, KeyError, TypeError):
             raise DiffpruneError(f"{path}:{n}: expected a JSON object with 'file' and 'text'") from None
     missing = [name for name in names if name not in texts]
@@ -136,7 +137,7 @@ def _read_captions(params: DataParams, root: Path, names: list[str]) -> list[str
     if unknown:
         raise DiffpruneError(f"{path}: captions for {len(unknown)} files that are not images of data.path, "
                              f"e.g. {unknown[0]}")
-    return [texts[name] for name in names]
+    return [texts[name][0] if len(texts[name]) == 1 else texts[name] for name in names]
 
 
 def _cifar10(params: DataParams):

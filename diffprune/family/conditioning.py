@@ -13,7 +13,7 @@ registered model's request column — so a new kind is one class, added to :data
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -77,6 +77,11 @@ class Condition(Protocol):
         """The conditions of ``n`` evaluation samples."""
         ...
 
+    def training_values(self, data) -> Sequence:
+        """What training draws from for each training image: its condition, or a list of alternatives (an
+        image's several captions) of which every step picks one."""
+        ...
+
     def parse_request(self, value: object, row: int) -> object | None:
         """A request's ``column`` value as a condition; None when it cannot be one (the caller then says what
         the model needs); ValueError for one of the right type but out of range."""
@@ -129,6 +134,9 @@ class ClassCondition:
         """Classes in turn: a class-balanced set."""
         return [i % self.num_classes for i in range(n)]
 
+    def training_values(self, data) -> np.ndarray:
+        return self.values(data, "train")
+
     def parse_request(self, value: object, row: int) -> int:
         # Only the sign here: the classes' range is checked with the batch's conditions (``check``).
         return request_int(value, self.column, row, minimum=0)
@@ -170,6 +178,10 @@ class TextCondition:
             raise DiffpruneError(f"{source}: prompts must be strings (got {bad!r})")
 
     def values(self, data, split: str) -> list[str]:
+        """One caption per image: the first of an image's several (scoring and evaluation use it)."""
+        return [c if isinstance(c, str) else c[0] for c in self.training_values(data, split)]
+
+    def training_values(self, data, split: str = "train") -> list[str | list[str]]:
         captions = (data.captions or {}).get(split)
         if captions is None:
             raise DiffpruneError("the model is text-conditional but the prepared data has no captions; set "

@@ -10,6 +10,7 @@ is ever pruned or trained; the stages never branch on the family themselves.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +146,11 @@ class Diffusion:
     def conditions(self, data, split: str = "train") -> list | np.ndarray | None:
         """The condition of every image of a prepared split (labels or captions); None if unconditional."""
         return None if self.condition is None else self.condition.values(data, split)
+
+    def training_conditions(self, data) -> Sequence | None:
+        """Per training image its condition, or the alternatives a training step picks from; None if
+        unconditional."""
+        return None if self.condition is None else self.condition.training_values(data)
 
     def sample_conditions(self, data, n: int) -> list | None:
         """Conditions of ``n`` evaluation samples (classes in turn, or the held-out captions in turn); None if

@@ -129,7 +129,7 @@ def finetune(params: FinetuneParams, *, data: PathLike, student: PathLike, teach
     conditioning = None
     if model.conditional:  # the label embedding trains too when asked and it can (text encoders never do)
         joint = params.train_label_embedding and model.condition.trainable
-        conditioning = Conditioning(model.conditions(prepared), params.condition_dropout, joint)
+        conditioning = Conditioning(model.training_conditions(prepared), params.condition_dropout, joint)
     result = train(model, training_inputs(model, teacher, prepared), params, checkpoints,
                    conditioning=conditioning, distillation=distillation)
     student_model = result.trained(model)

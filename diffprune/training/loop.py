@@ -202,7 +202,9 @@ def _conditions(condition: Condition, conditioning: Conditioning, idx: torch.Ten
     if conditioning.dropout > 0:
         drop = (torch.rand(len(values), generator=gen) < conditioning.dropout).tolist()
         values = [condition.null() if d else v for v, d in zip(values, drop, strict=True)]
-    return values
+    # An image with several captions: each step trains on one of them, drawn from the step's generator.
+    return [v[int(torch.randint(len(v), (1,), generator=gen))] if isinstance(v, list | tuple) else v
+            for v in values]
 
 
 def write_loss_history(losses: list[float], path: str | Path) -> None:

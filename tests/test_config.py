@@ -42,7 +42,10 @@ def test_paper_presets_validate(preset):
 
 def test_every_preset_validates_and_the_latent_one_is_offline():
     assert sorted(p.name for p in (ROOT / "presets").glob("*.yaml")) == ["celeba64.yaml", "cifar10.yaml",
-                                                                         "latent-digits.yaml"]
+                                                                         "latent-digits.yaml", "sd15.yaml"]
+    sd = load_params(ROOT / "presets" / "sd15.yaml")  # the SD recipe: the memory knobs on, a MACs target
+    assert sd.finetune.gradient_checkpointing and sd.finetune.ema_on_cpu and sd.finetune.teacher_precision == "bf16"
+    assert sd.prune.target_macs == 0.5 and sd.data.captions and sd.evaluate.guidance_scale > 1
     params = load_params(ROOT / "presets" / "latent-digits.yaml")
     assert (params.teacher.source, params.teacher.builtin, params.data.dataset) == ("builtin", "latent-digits32",
                                                                                     "digits")

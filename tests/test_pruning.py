@@ -82,6 +82,14 @@ def test_target_macs_lands_at_or_under_target(tiny_unet):
     assert macs_and_params(looser)[0] > 0.6 * base  # the smallest ratio that meets the target
 
 
+def test_the_macs_search_keeps_its_guarantee_where_costs_move_in_steps(tiny_unet):
+    base, _ = macs_and_params(tiny_unet)
+    pruned, ratio = prune_to_macs(tiny_unet, 0.5, "magnitude")
+    assert macs_and_params(pruned)[0] <= 0.5 * base and macs_and_params(tiny_unet)[0] == base, "argument untouched"
+    tighter = prune_unet(copy.deepcopy(tiny_unet), ratio - 1e-3, "magnitude")
+    assert macs_and_params(tighter)[0] > 0.5 * base
+
+
 def test_pruned_model_samples_in_diffusers_pipelines_and_trains(tiny_unet, digits, tmp_path):
     unet = prune_unet(tiny_unet, 0.5, "random")
     sched = make_scheduler()

@@ -108,22 +108,31 @@ def prune_to_macs(
     variant: str = "diffusers",
     inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[UNet2DModel, float]:
-    """The smallest ratio whose pruned MACs are at or under ``target`` × the original's (bisection).
+    """The smallest ratio (bisection, to ``tol``) whose pruned MACs are at or under ``target`` × the original's,
+    and a copy of ``unet`` pruned at it (``unet`` itself is left as it is).
 
     ``inputs``: the denoiser call the MACs are counted at — pass the model's own (a text model's real context
-    length), so that the target is met at the cost that is reported and gated."""
+    length), so that the target is met at the cost that is reported and gated. Each trial prunes a copy and
+    drops it before the next (the ratio found is pruned once more at the end), so memory holds the model and
+    one copy, never a kept best copy besides: at SD-1.5's size that is 3.2 GiB less. Bisection rather than
+    interpolation: MACs move in steps (channel groups and attention heads go whole).
+    """
     base_macs, _ = macs_and_params(unet, inputs)
-    lo, hi, best = 0.0, 0.95, None
+
+    def meets(ratio: float) -> bool:
+        trial = prune_unet(copy.deepcopy(unet), ratio, criterion, grads, seed, round_to, variant)
+        return macs_and_params(trial, inputs)[0] <= target * base_macs
+
+    lo, hi, reached = 0.0, 0.95, False
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        pruned = prune_unet(copy.deepcopy(unet), mid, criterion, grads, seed, round_to, variant)
-        if macs_and_params(pruned, inputs)[0] <= target * base_macs:
-            hi, best = mid, pruned
+        if meets(mid):
+            hi, reached = mid, True
         else:
             lo = mid
-    if best is None:
+    if not reached and not meets(hi):
         raise DiffpruneError(f"target_macs {target}: not reachable even at ratio {hi:.2f}")
-    return best, hi
+    return prune_unet(copy.deepcopy(unet), hi, criterion, grads, seed, round_to, variant), hi
 
 
 def reinitialise(unet: UNet2DModel, seed: int = 0) -> UNet2DModel:

@@ -39,11 +39,17 @@ def dir_digest(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
     known = _DIGESTS.get(memo_key)
     if known is not None and known[0] == signature:
         return known[1]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    digest = _folder_digest(path, {f: sha256_file(f) for f in files})
     if signature == tuple((str(f), *_stat(f)) for f in files):  # unchanged while it was read
-        _DIGESTS[memo_key] = (signature, h.hexdigest())
+        _DIGESTS[memo_key] = (signature, digest)
+    return digest
+
+
+def _folder_digest(root: Path, digests: dict[Path, str]) -> str:
+    """A folder's digest from its files' content digests (in path order): relative path and digest of each."""
+    h = hashlib.sha256()
+    for f in sorted(digests):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + digests[f].encode() + b"\n")
     return h.hexdigest()
 
 
@@ -85,10 +91,7 @@ def input_digest(path: str | Path) -> str:
             db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", new)
     if path.is_file():
         return known[path][2]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() + b"\0" + known[f][2].encode() + b"\n")
-    return h.hexdigest()
+    return _folder_digest(path, {f: digest for f, (_, _, digest) in known.items()})
 
 
 _RACY_NS = 2_000_000_000

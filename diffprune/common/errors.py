@@ -1,6 +1,13 @@
 """The one exception type that reaches users as a one-line message instead of a traceback."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors that
+    quote a library's reason."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class DiffpruneError(Exception):
     """A problem with the user's input (file, key, value) that they can fix.
 

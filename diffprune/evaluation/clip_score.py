@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffprune.common.errors import first_line
+
 
 class ClipScorer:
     def __init__(self, model=None, processor=None, device: torch.device | str = "cpu", reason: str = "") -> None:
@@ -43,6 +45,5 @@ def clip_scorer(name: str | None, device: torch.device | str = "cpu") -> ClipSco
         model = CLIPModel.from_pretrained(name).to(device).eval()
         processor = CLIPProcessor.from_pretrained(name)
     except Exception as exc:  # offline, missing files, not a CLIP model: all mean "no CLIP score"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        return ClipScorer(reason=f"CLIP model {name!r} cannot be loaded ({first})")
+        return ClipScorer(reason=f"CLIP model {name!r} cannot be loaded ({first_line(exc, 160)})")
     return ClipScorer(model, processor, device)

@@ -23,7 +23,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from diffprune.common.errors import DiffpruneError
+from diffprune.common.errors import DiffpruneError, first_line
 
 
 class LabelEmbedding(ModelMixin, ConfigMixin):
@@ -207,8 +207,7 @@ class TextCondition:
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
         except Exception as exc:  # transformers raises many types for a damaged tokenizer folder
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DiffpruneError(f"{model_dir / 'tokenizer'}: cannot load the tokenizer ({first})") from None
+            raise DiffpruneError(f"{model_dir / 'tokenizer'}: cannot load the tokenizer ({first_line(exc)})") from None
         return cls(from_pretrained(CLIPTextModel, model_dir / cls.folder), tokenizer)
 
     def with_module(self, module: nn.Module) -> TextCondition:

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel, VQModel
 
 from diffprune.common.atomic import atomic_dir
-from diffprune.common.errors import DiffpruneError
+from diffprune.common.errors import DiffpruneError, first_line
 from diffprune.family import fast_path as inference
 from diffprune.family import portable
 from diffprune.family.conditioning import CONDITIONS, TextCondition
@@ -175,7 +175,7 @@ def _from_pretrained(cls, folder: Path):
     try:
         return cls.from_pretrained(folder, use_safetensors=True)
     except Exception as exc:  # diffusers/transformers/safetensors raise many types; say which folder failed
-        raise DiffpruneError(f"{folder}: cannot load weights ({_first_line(exc)})") from None
+        raise DiffpruneError(f"{folder}: cannot load weights ({first_line(exc)})") from None
 
 
 def load_pipeline(model_dir: str | Path, kind: str = DEFAULT_SAMPLER, device: str | torch.device = "cpu",
@@ -208,7 +208,7 @@ def load_pretrained(ref: str, revision: str | None = None) -> Diffusion:
     except Exception as exc:  # network, auth, missing repo: all mean "cannot get this model"
         raise DiffpruneError(
             f"teacher.pretrained {ref!r}: not in the local Hugging Face cache and cannot be downloaded "
-            f"({_first_line(exc)}); download it once online, or point teacher.pretrained at a local directory"
+            f"({first_line(exc)}); download it once online, or point teacher.pretrained at a local directory"
         ) from None
     return _from_pipeline(pipe, ref)
 
@@ -245,12 +245,7 @@ def _load_scheduler(model_dir: Path) -> tuple[DDPMScheduler, object | None]:
         source = cls.from_config(config) if known else None  # an unknown class: DDPM settings only, as before
         return DDPMScheduler.from_config(config), source
     except (ValueError, TypeError) as exc:
-        raise DiffpruneError(f"{cfg}: invalid scheduler config ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+        raise DiffpruneError(f"{cfg}: invalid scheduler config ({first_line(exc)})") from None
 
 
 def count_params(model: torch.nn.Module) -> int:

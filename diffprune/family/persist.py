@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from diffprune.common.errors import DiffpruneError
+from diffprune.common.errors import DiffpruneError, first_line
 
 ARCH_FILE = "architecture.json"
 # Width attributes that modules keep besides their tensors (torch and diffusers names).
@@ -30,6 +30,11 @@ _WIDTH_ATTRS = (
 _SHAPE_ATTRS = ("normalized_shape",)  # LayerNorm: a tuple of widths
 _FORMAT = "diffprune-architecture/1"
 DENOISERS = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
+
+
+def denoiser_class(unet: torch.nn.Module) -> type:
+    """The diffusers class a denoiser is (``UNet2DModel`` or ``UNet2DConditionModel``), through any subclass."""
+    return next((c for c in type(unet).__mro__ if c in DENOISERS.values()), type(unet))
 
 
 def describe(unet: torch.nn.Module) -> dict:
@@ -45,8 +50,7 @@ def describe(unet: torch.nn.Module) -> dict:
         attrs.update({a: list(getattr(module, a)) for a in _SHAPE_ATTRS if isinstance(getattr(module, a, None), tuple)})
         if tensors or attrs:
             modules[name] = {"type": type(module).__name__, "attrs": attrs, "tensors": tensors}
-    base = next((c for c in type(unet).__mro__ if c in DENOISERS.values()), type(unet))  # not our subclasses
-    return {"format": _FORMAT, "class": base.__name__, "config": _jsonable(dict(unet.config)),
+    return {"format": _FORMAT, "class": denoiser_class(unet).__name__, "config": _jsonable(dict(unet.config)),
             "modules": modules}
 
 
@@ -99,7 +103,7 @@ def load_exact(unet_dir: Path, cls: type | None = None) -> torch.nn.Module:
     try:
         state = load_file(weights)
     except (OSError, SafetensorError) as exc:
-        raise DiffpruneError(f"{weights}: not a valid safetensors file ({_short(exc)})") from None
+        raise DiffpruneError(f"{weights}: not a valid safetensors file ({first_line(exc, 160)})") from None
     expected = unet.state_dict()
     for key, tensor in state.items():
         if key not in expected:
@@ -117,8 +121,3 @@ def load_exact(unet_dir: Path, cls: type | None = None) -> torch.nn.Module:
 
 def _jsonable(cfg: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, default=list))
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel, UNet2DModel  # noqa: F401  (diffusers looks ModelMixin up here)
 
-from diffprune.family.persist import ARCH_FILE, describe, load_exact
+from diffprune.family.persist import ARCH_FILE, denoiser_class, describe, load_exact
 
 LIBRARY = "diffprune"  # the module model_index.json names: the package, so that `import diffprune` suffices
 
@@ -54,14 +54,13 @@ EXACT = {base: exact for base, exact in ((UNet2DModel, PrunedUNet2DModel),
 def is_pruned(unet: torch.nn.Module) -> bool:
     """Whether any tensor differs in shape from what the unet's own config builds (checked on the meta
     device: no memory, even for an SD-sized model)."""
-    base = next(cls for cls in type(unet).__mro__ if cls in EXACT)
     with torch.device("meta"):
-        stock = base.from_config(unet.config)
+        stock = denoiser_class(unet).from_config(unet.config)
     shapes = {k: tuple(v.shape) for k, v in stock.state_dict().items()}
     return shapes != {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
 def index_entry(unet: torch.nn.Module) -> list[str]:
     """The ``model_index.json`` entry of a saved unet: stock diffusers unless its widths need ours."""
-    base = next(cls for cls in type(unet).__mro__ if cls in EXACT)
+    base = denoiser_class(unet)
     return [LIBRARY, EXACT[base].__name__] if is_pruned(unet) else ["diffusers", base.__name__]

@@ -84,10 +84,32 @@ def test_target_macs_lands_at_or_under_target(tiny_unet):
 
 def test_the_macs_search_keeps_its_guarantee_where_costs_move_in_steps(tiny_unet):
     base, _ = macs_and_params(tiny_unet)
-    pruned, ratio = prune_to_macs(tiny_unet, 0.5, "magnitude")
-    assert macs_and_params(pruned)[0] <= 0.5 * base and macs_and_params(tiny_unet)[0] == base, "argument untouched"
+    pruned, ratio = prune_to_macs(copy.deepcopy(tiny_unet), 0.5, "magnitude")
+    assert macs_and_params(pruned)[0] <= 0.5 * base
     tighter = prune_unet(copy.deepcopy(tiny_unet), ratio - 1e-3, "magnitude")
     assert macs_and_params(tighter)[0] > 0.5 * base
+
+
+def test_the_macs_search_traces_the_real_model_once_and_its_trials_are_exact(tiny_unet, monkeypatch):
+    """Trials prune weightless meta copies: the real weights are traced once, and the ratio found prunes the
+    real model to exactly the MACs and widths that pruning a copy at that ratio gives."""
+    import torch_pruning as tp
+
+    traced = []
+    build = tp.DependencyGraph.build_dependency
+
+    def counting(graph, model, *args, **kwargs):
+        traced.append(next(model.parameters()).is_meta)
+        return build(graph, model, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", counting)
+    reference = copy.deepcopy(tiny_unet)
+    pruned, ratio = prune_to_macs(tiny_unet, 0.5, "magnitude")
+    assert pruned is tiny_unet and traced.count(False) == 1 and traced.count(True) >= 5
+    again = prune_unet(reference, ratio, "magnitude")
+    assert layer_widths(again) == layer_widths(pruned) and macs_and_params(again) == macs_and_params(pruned)
+    weights = zip(again.state_dict().values(), pruned.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in weights)
 
 
 def test_pruned_model_samples_in_diffusers_pipelines_and_trains(tiny_unet, digits, tmp_path):
@@ -209,5 +231,6 @@ def test_a_macs_target_is_met_at_the_context_length_that_is_reported(tmp_path):
                       TextCondition(tiny_text_encoder(len(tokenizer), 77), tokenizer))
     real = model.example_inputs()
     assert real["encoder_hidden_states"].shape[1] == 77
+    base = macs_and_params(model.unet, real)[0]
     pruned, _ = prune_to_macs(model.unet, 0.6, "random", inputs=real)
-    assert macs_and_params(pruned, real)[0] <= 0.6 * macs_and_params(model.unet, real)[0]
+    assert macs_and_params(pruned, real)[0] <= 0.6 * base

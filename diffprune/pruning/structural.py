@@ -19,8 +19,10 @@ applied to both). ``round_to`` keeps every pruned width a multiple of it (the of
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -32,8 +34,9 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from diffprune.common.errors import DiffpruneError
+from diffprune.family.diffusion import example_inputs_for
 from diffprune.pruning.criteria import criterion as criterion_row
-from diffprune.pruning.macs import macs_and_params
+from diffprune.pruning.macs import macs_and_params, weightless
 
 
 def prune_unet(
@@ -47,54 +50,67 @@ def prune_unet(
 ) -> UNet2DModel:
     """Prune ``unet`` in place at ``ratio`` (per group, paper semantics) and return it; ``variant`` picks the
     gradient criteria's channel score (:data:`diffprune.pruning.criteria.VARIANTS`)."""
-    if not 0.0 <= ratio < 1.0:
-        raise DiffpruneError(f"pruning ratio {ratio} outside [0, 1)")
-    unet = unet.eval()
-    if grads is not None:
-        for name, p in unet.named_parameters():
-            p.grad = grads[name].to(p.device, p.dtype) if name in grads else None
-    if criterion_row(criterion).needs_gradients and grads is None:
-        raise DiffpruneError(f"criterion {criterion!r} needs the gradients of the score stage")
-    graph, plans = plan_pruning(unet, ratio, criterion, seed, round_to, variant)
-    for module, handler, idxs in plans:
-        graph.get_pruning_group(module, handler, idxs).prune()
-    _fix_diffusers_attributes(unet)
-    for p in unet.parameters():
-        p.grad = None
+    _check_ratio(ratio)
+    with _gradients(unet, criterion, grads):
+        graph, scored = score_groups(unet, criterion, seed, variant)
+        _apply(unet, graph, choose(scored, ratio, round_to))
     return unet
 
 
 def plan_pruning(unet: UNet2DModel, ratio: float, criterion: str, seed: int = 0, round_to: int | None = None,
                  variant: str = "diffusers") -> tuple:
     """The dependency graph and, per group, (root module, pruning function, channel indices to remove).
+    Gradients must already sit in ``.grad``."""
+    graph, scored = score_groups(unet, criterion, seed, variant)
+    return graph, choose(scored, ratio, round_to)
 
-    Scores for every group are computed before anything is pruned; gradients must already sit in ``.grad``.
-    """
-    from diffprune.family.diffusion import example_inputs_for
 
+@dataclass(frozen=True)
+class ScoredGroup:
+    """One coupled group's channel scores, and what its choice must respect; the same at every ratio."""
+
+    root: nn.Module
+    handler: object  # torch-pruning's pruning function of the root (out- or in-channels)
+    scores: torch.Tensor
+    chunks: int  # GroupNorm groups / attention heads that must shrink alike
+    gated: bool  # a GEGLU projection: value and gate halves lose the same channels
+
+
+def score_groups(unet: UNet2DModel, criterion: str, seed: int = 0, variant: str = "diffusers"
+                 ) -> tuple[tp.DependencyGraph, list[ScoredGroup]]:
+    """Trace ``unet`` once and score every prunable group (gradients must already sit in ``.grad``)."""
     importance = criterion_row(criterion).ranker(variant)
+    unet = unet.eval()
     if getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()  # its wrappers hide layers from the tracer (Diff-Pruning #8)
     graph = tp.DependencyGraph().build_dependency(unet, example_inputs=example_inputs_for(unet), verbose=False)
     heads = {m: a.heads for a in unet.modules() if isinstance(a, Attention) for m in (a.to_q, a.to_k, a.to_v)}
     gated = {m.proj for m in unet.modules() if isinstance(m, GEGLU)}
-    plans = []
+    scored = []
     torch.manual_seed(seed)  # the random criterion draws from the global RNG
     for group in graph.get_all_groups(ignored_layers=[unet.conv_out], root_module_types=[nn.Conv2d, nn.Linear]):
         scores = importance(group)
         if scores is None:
             continue
-        scores = scores.detach().cpu()
-        root = group[0].dep.target.module
-        if root in gated and graph.is_out_channel_pruning_fn(group[0].dep.handler):
-            half = len(scores) // 2
-            keep_out = _lowest_per_chunk(scores[:half] + scores[half:], ratio, _chunks(group, graph, heads), round_to)
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        scored.append(ScoredGroup(root, handler, scores.detach().cpu(), _chunks(group, graph, heads),
+                                  root in gated and graph.is_out_channel_pruning_fn(handler)))
+    return graph, scored
+
+
+def choose(scored: list[ScoredGroup], ratio: float, round_to: int | None = None) -> list[tuple]:
+    """Per group, (root module, pruning function, channel indices to remove) at ``ratio``: no tracing."""
+    plans = []
+    for g in scored:
+        if g.gated:
+            half = len(g.scores) // 2
+            keep_out = _lowest_per_chunk(g.scores[:half] + g.scores[half:], ratio, g.chunks, round_to)
             idxs = keep_out + [i + half for i in keep_out]
         else:
-            idxs = _lowest_per_chunk(scores, ratio, _chunks(group, graph, heads), round_to)
+            idxs = _lowest_per_chunk(g.scores, ratio, g.chunks, round_to)
         if idxs:
-            plans.append((root, group[0].dep.handler, idxs))
-    return graph, plans
+            plans.append((g.root, g.handler, idxs))
+    return plans
 
 
 def prune_to_macs(
@@ -108,31 +124,65 @@ def prune_to_macs(
     variant: str = "diffusers",
     inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[UNet2DModel, float]:
-    """The smallest ratio (bisection, to ``tol``) whose pruned MACs are at or under ``target`` × the original's,
-    and a copy of ``unet`` pruned at it (``unet`` itself is left as it is).
+    """Prune ``unet`` in place at the smallest ratio (bisection, to ``tol``) whose MACs are at or under
+    ``target`` × the original's; return it and the ratio.
 
     ``inputs``: the denoiser call the MACs are counted at — pass the model's own (a text model's real context
-    length), so that the target is met at the cost that is reported and gated. Each trial prunes a copy and
-    drops it before the next (the ratio found is pruned once more at the end), so memory holds the model and
-    one copy, never a kept best copy besides: at SD-1.5's size that is 3.2 GiB less. Bisection rather than
-    interpolation: MACs move in steps (channel groups and attention heads go whole).
+    length), so that the target is met at the cost that is reported and gated. The model is traced and scored
+    once; each trial prunes a weightless copy on the meta device (its graph traced there, where no op computes)
+    and counts its MACs, so a trial costs neither memory nor arithmetic. Bisection rather than interpolation:
+    MACs move in steps (channel groups and attention heads go whole).
     """
-    base_macs, _ = macs_and_params(unet, inputs)
+    with _gradients(unet, criterion, grads):
+        graph, scored = score_groups(unet, criterion, seed, variant)
+        shadow_inputs = {k: v.to("meta") for k, v in (inputs or example_inputs_for(unet)).items()}
+        base_macs, _ = macs_and_params(weightless(unet), shadow_inputs)
+        names = {id(m): n for n, m in unet.named_modules()}
 
-    def meets(ratio: float) -> bool:
-        trial = prune_unet(copy.deepcopy(unet), ratio, criterion, grads, seed, round_to, variant)
-        return macs_and_params(trial, inputs)[0] <= target * base_macs
+        def meets(ratio: float) -> bool:
+            shadow = weightless(unet)
+            modules = dict(shadow.named_modules())
+            plans = [(modules[names[id(root)]], fn, idxs) for root, fn, idxs in choose(scored, ratio, round_to)]
+            _apply(shadow, tp.DependencyGraph().build_dependency(shadow, shadow_inputs, verbose=False), plans)
+            return macs_and_params(shadow, shadow_inputs)[0] <= target * base_macs
 
-    lo, hi, reached = 0.0, 0.95, False
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if meets(mid):
-            hi, reached = mid, True
-        else:
-            lo = mid
-    if not reached and not meets(hi):
-        raise DiffpruneError(f"target_macs {target}: not reachable even at ratio {hi:.2f}")
-    return prune_unet(copy.deepcopy(unet), hi, criterion, grads, seed, round_to, variant), hi
+        lo, hi, reached = 0.0, 0.95, False
+        while hi - lo > tol:
+            mid = (lo + hi) / 2
+            if meets(mid):
+                hi, reached = mid, True
+            else:
+                lo = mid
+        if not reached and not meets(hi):
+            raise DiffpruneError(f"target_macs {target}: not reachable even at ratio {hi:.2f}")
+        _apply(unet, graph, choose(scored, hi, round_to))
+    return unet, hi
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise DiffpruneError(f"pruning ratio {ratio} outside [0, 1)")
+
+
+@contextlib.contextmanager
+def _gradients(unet: UNet2DModel, criterion: str, grads: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """The score stage's gradients in ``.grad`` while the criterion reads them; cleared afterwards."""
+    if criterion_row(criterion).needs_gradients and grads is None:
+        raise DiffpruneError(f"criterion {criterion!r} needs the gradients of the score stage")
+    if grads is not None:
+        for name, p in unet.named_parameters():
+            p.grad = grads[name].to(p.device, p.dtype) if name in grads else None
+    try:
+        yield
+    finally:
+        for p in unet.parameters():
+            p.grad = None
+
+
+def _apply(unet: UNet2DModel, graph: tp.DependencyGraph, plans: list[tuple]) -> None:
+    for module, handler, idxs in plans:
+        graph.get_pruning_group(module, handler, idxs).prune()
+    _fix_diffusers_attributes(unet)
 
 
 def reinitialise(unet: UNet2DModel, seed: int = 0) -> UNet2DModel:

@@ -22,7 +22,7 @@ from diffprune.common.errors import DiffpruneError
 from diffprune.common.progress import bar as progress_bar
 from diffprune.common.runtime import derive_seed
 from diffprune.family import fast_path as inference
-from diffprune.family.diffusion import Diffusion
+from diffprune.family.diffusion import Diffusion, to_uint8
 from diffprune.pipeline.stage_params import DDIM, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, FastPathParams
 
 
@@ -114,11 +114,6 @@ def _generate_batch(model: Diffusion, unet, path: inference.FastPath, start: int
             x = sched.step(eps, t, x, generator=gens).prev_sample
         bar.update(1)
     return to_uint8(model.decode(x).float())
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float → NHWC uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_pngs(images: np.ndarray, folder: str | Path, start: int = 0) -> list[Path]:

@@ -28,7 +28,7 @@ def build_autoencoder(channels: int, widths: tuple[int, ...], latent_channels: i
 
 def train_autoencoder(ae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: int, lr: float,
                       kl_weight: float, seed: int) -> tuple[AutoencoderKL, list[float]]:
-    """Train on NHWC uint8 ``images``; returns the model (eval, frozen, scaling factor set) and the losses."""
+    """Train on NHWC uint8 ``images``; returns the model (eval, scaling factor set) and the losses."""
     torch.manual_seed(seed)
     x = images_to_tensor(images)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
@@ -45,7 +45,9 @@ def train_autoencoder(ae: AutoencoderKL, images: np.ndarray, steps: int, batch_s
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    ae.eval().requires_grad_(False)
+    # Frozen from here on by use (conditioning.FROZEN): requires_grad stays True, as in the saved and reloaded
+    # autoencoder, so both compute the same; the last step's gradients are dropped.
+    ae.eval().zero_grad(set_to_none=True)
     with torch.no_grad():
         latents = torch.cat([ae.encode(b).latent_dist.mean for b in x.split(256)])
     ae.register_to_config(scaling_factor=float(1.0 / latents.std()))

@@ -25,6 +25,14 @@ from torch import nn
 
 from diffprune.common.errors import DiffpruneError, first_line
 
+# FROZEN: how the parts that never train (autoencoders, text encoders, a label embedding that does not train) stay
+# frozen. Not by ``requires_grad_(False)``: on the CPU that flag alone changes what some layers compute (aten's matmul
+# folds a 3-D input into one mm when the weight requires grad, even under no_grad, and takes a bmm otherwise; an
+# attention block's transposed input then rounds differently, ~1e-7 per layer), and stock diffusers leaves it True,
+# so a frozen copy would not generate what ``DiffusionPipeline.from_pretrained`` of the same folder does. Instead
+# they keep the flag as loaded, run only under no_grad (``embed`` here, ``Diffusion.encode``/``decode``), and no
+# optimizer ever holds them: the training loop optimises the unet (and a label embedding it trains) only.
+
 
 class LabelEmbedding(ModelMixin, ConfigMixin):
     """A learned embedding of ``num_classes`` labels plus one null label (index ``num_classes``)."""
@@ -108,12 +116,15 @@ class ClassCondition:
     column, column_type, request = "label", "long", "a label"
 
     def __init__(self, module: LabelEmbedding) -> None:
-        self.module = module.eval().requires_grad_(False)
+        self.module = module.eval()  # requires_grad stays as loaded: see FROZEN
         self.num_classes = int(module.config.num_classes)
 
     def embed(self, values: list, device: torch.device) -> torch.Tensor:
         labels = torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
-        return self.module.to(device)(labels)
+        # Frozen (eval mode, as loaded), it embeds without autograd, so no loss reaches it (FROZEN); only the
+        # training loop puts it in training mode, when it trains it with the unet (finetune.train_label_embedding).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.module.training):
+            return self.module.to(device)(labels)
 
     def null(self) -> int:
         return self.num_classes
@@ -160,7 +171,7 @@ class TextCondition:
     column, column_type, request = "prompt", "string", "a prompt string"
 
     def __init__(self, module: nn.Module, tokenizer) -> None:
-        self.module = module.eval().requires_grad_(False)
+        self.module = module.eval()  # requires_grad stays as loaded: see FROZEN
         self.tokenizer = tokenizer
 
     def embed(self, values: list, device: torch.device) -> torch.Tensor:

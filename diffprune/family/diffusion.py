@@ -28,6 +28,12 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """The way back, for generated images: [-1, 1] NCHW float → NHWC uint8 (one formula for diffprune's PNGs and
+    :class:`~diffprune.family.portable.ClassConditionalPipeline`'s PIL images, so both are the same bytes)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 Context = torch.Tensor | None  # encoder_hidden_states (B, L, D), or None for unconditional models
 
 

@@ -4,7 +4,8 @@ A model directory has the diffusers pipeline layout (``model_index.json``, ``une
 and, by family, ``vae/`` or ``vqvae/``, ``label_embedding/``, ``text_encoder/`` + ``tokenizer/``), so
 ``DiffusionPipeline`` / ``DDPMPipeline`` / ``LDMPipeline`` / ``StableDiffusionPipeline.from_pretrained(dir)``
 also load it in the user's own code (``model_index.json`` names the pipeline; a pruned unet is named as
-:mod:`diffprune.family.portable`'s class, which needs ``import diffprune`` first).
+:mod:`diffprune.family.portable`'s class, which needs ``import diffprune`` first), and a class-conditional
+folder loads with ``diffprune.ClassConditionalPipeline.from_pretrained(dir)``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def save_diffusion(model: Diffusion, out_dir: str | Path, extra: Callable[[Path]
 
 
 def _pipeline_class(model: Diffusion) -> str:
-    """The diffusers pipeline that loads this folder as it is ("DiffusionPipeline": diffprune's loader only)."""
+    """The pipeline that loads this folder as it is: a diffusers one, diffprune's own for class labels (none of
+    diffusers' UNet pipelines takes them), "DiffusionPipeline" where none fits (diffprune's loader only)."""
+    if model.condition is not None and model.condition.kind == "class":
+        return portable.ClassConditionalPipeline.__name__
     ae = type(model.autoencoder).__name__ if model.autoencoder is not None else None
     return {("pixel-unconditional", None): "DDPMPipeline", ("latent-unconditional", "VQModel"): "LDMPipeline",
             ("latent-text", "AutoencoderKL"): "StableDiffusionPipeline"}.get((model.family, ae), "DiffusionPipeline")
@@ -126,7 +130,8 @@ def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu") ->
     for folder in ("vqvae", "vae"):
         if (model_dir / folder / "config.json").is_file():
             cls = _class_of(model_dir / folder, {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}, "autoencoder")
-            autoencoder, ae_folder = _from_pretrained(cls, model_dir / folder).eval().requires_grad_(False), folder
+            # Frozen by use, not by requires_grad (conditioning.FROZEN): it then computes what stock diffusers does.
+            autoencoder, ae_folder = _from_pretrained(cls, model_dir / folder).eval(), folder
             break
         if folder in listed and listed[folder][0]:
             raise DiffpruneError(f"{model_dir}: model_index.json lists {folder} but {folder}/config.json is missing")
@@ -226,7 +231,7 @@ def _from_pipeline(pipe, ref: str) -> Diffusion:
     elif getattr(unet.config, "cross_attention_dim", None):
         raise DiffpruneError(f"teacher.pretrained {ref!r}: a conditional unet without a text encoder")
     if autoencoder is not None:
-        autoencoder = autoencoder.eval().requires_grad_(False)
+        autoencoder = autoencoder.eval()  # frozen by use (conditioning.FROZEN)
     source = None if type(pipe.scheduler) is DDPMScheduler else pipe.scheduler
     return Diffusion(unet.eval(), DDPMScheduler.from_config(pipe.scheduler.config), autoencoder, ae_folder, condition,
                      source)

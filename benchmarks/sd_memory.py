@@ -94,7 +94,8 @@ def run_part(part: str, device: str) -> dict:
                              gradient_checkpointing=part == "finetune_checkpointing")
         import tempfile
 
-        train(model, latents, params, tempfile.mkdtemp(), conditioning=Conditioning(["a photo"] * len(latents)))
+        with tempfile.TemporaryDirectory() as checkpoints:  # one SD checkpoint is ~13 GB: never leave it behind
+            train(model, latents, params, checkpoints, conditioning=Conditioning(["a photo"] * len(latents)))
         extra = {"batch": 1, "optimizer": "adamw", "ema": True}
     seconds = time.perf_counter() - start
     if device.startswith("cuda"):

@@ -1,5 +1,5 @@
 """The ``diffprune`` command: the library's stage subcommands plus the orchestration commands
-``run | sweep | serve | register``. It sits on top of every layer (flows → tasks → diffprune), so the
+``run | sweep | serve | register | store``. It sits on top of every layer (flows → tasks → diffprune), so the
 library's own CLI (``python -m diffprune <stage>``, what stage subprocesses and ``dvc.yaml`` run) never
 reaches up into Prefect or MLflow. Flows and tasks are imported only once the params have validated,
 after the environment below is set (Prefect reads it at import time).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffprune.common import progress
 from diffprune.common.errors import DiffpruneError
-from diffprune.flows import preflight
+from diffprune.flows import preflight, store_cmd
 from diffprune.pipeline import cli
 from diffprune.pipeline.config import load_params
 from diffprune.pipeline.table import STAGES
@@ -43,13 +43,15 @@ COMMANDS = {
 }
 
 
-def prepare_environment(store: str) -> None:
-    """Defaults only: anything the user exported wins. Cache records live next to the store they describe."""
+def prepare_environment(store: str, cache: str) -> None:
+    """Defaults only: anything the user exported wins. Cache records live next to the store they describe
+    (a URL store's go to the store itself, :mod:`diffprune.tasks.results`; this folder keeps the rest)."""
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     if not progress.interactive():  # MLflow's artifact bar would write carriage-return frames into the log
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(store, "_prefect_results").resolve()))
+    local = cache if "://" in store else store
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(local, "_prefect_results").resolve()))
 
 
 class _OneLineFailures(logging.Filter):
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        help="override orchestration.task_runner")
     subs.choices["serve"].add_argument("--once", action="store_true",
                                        help="create the deployment and exit instead of serving it")
+    store_cmd.add_parser(subs)  # `store ls | gc`: the store itself, no flow
     return parser
 
 
@@ -93,8 +96,11 @@ def orchestrate(args: argparse.Namespace) -> dict:
     if args.debug:
         os.environ["DIFFPRUNE_DEBUG"] = "1"
     params = load_params(args.params, overrides)  # validate before any heavy import
-    prepare_environment(params.orchestration.store)
+    prepare_environment(params.orchestration.store, params.orchestration.store_cache)
+    if args.orchestrate.startswith("store "):
+        return store_cmd.command(params, args)
     preflight.tracking(params)  # run, sweep and register log to it; serve hands it to the runs it starts
+    preflight.store(params)
     if args.orchestrate != "register":
         preflight.prefect_api()
     if args.orchestrate == "run":

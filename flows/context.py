@@ -11,9 +11,11 @@ from prefect.runtime import deployment, flow_run
 
 from diffprune.common.errors import DiffpruneError
 from diffprune.evaluation.report import headline
+from diffprune.flows.store_cmd import params_file_tag
 from diffprune.pipeline.config import Params, load_params
 from diffprune.pipeline.table import HEADLINE, LIBRARY, STAGES, downstream
 from diffprune.tasks import store
+from diffprune.tasks.results import result_storage
 from diffprune.tasks.stages import TASKS, RunSettings
 
 T = TypeVar("T")
@@ -59,10 +61,12 @@ class RunContext:
         self.keys: dict[str, str] = {}
         self.tracker = None
         self.lost: str | None = None  # why tracking stopped mid-run, if it did
+        self.result_storage = result_storage(self.settings.store.root)  # None: Prefect's (local) default
         if params.tracking.enabled:
             from diffprune.tracking.runs import code_tags, start_tracking  # MLflow only when tracking is on
 
-            self.tracker = start_tracking(params.tracking, run_name, {**code_tags(), **prefect_tags()})
+            self.tracker = start_tracking(params.tracking, run_name, {
+                **code_tags(), **prefect_tags(), **params_file_tag(flow_run.parameters.get("params_file"))})
 
     @classmethod
     def open(cls, params_file: str, overrides: list[str] | None, kind: str) -> RunContext:
@@ -79,7 +83,11 @@ class RunContext:
     def stage_task(self, stage: str):
         """The stage's Prefect task with the configured retries."""
         o = self.params.orchestration
-        return TASKS[stage].with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s)
+        return self.shared(TASKS[stage].with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_s))
+
+    def shared(self, task: T) -> T:
+        """``task`` with its cache records where every host of the store finds them."""
+        return task if self.result_storage is None else task.with_options(result_storage=self.result_storage)
 
     def run_stage(self, stage: str, inputs: dict[str, dict], params: dict | None = None) -> dict:
         """Run (or find cached) one stage and record it; returns its store reference."""
@@ -140,7 +148,7 @@ class RunContext:
         self.tracked("finishing the run", close)
 
 
-def summary_of(root: str, refs: dict[str, dict]) -> dict:
+def summary_of(root: store.Root, refs: dict[str, dict]) -> dict:
     """The headline numbers of one chain (references by stage) from the store at ``root``."""
     return headline({stage: store.manifest_of(root, refs[stage])["summary"] for stage in HEADLINE})
 

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 
 from diffprune.common.atomic import atomic_file
@@ -16,7 +14,7 @@ from diffprune.flows.artifacts import publish_report
 from diffprune.flows.context import RunContext, stage_params, summary_of, wiring
 from diffprune.pipeline.table import LIBRARY
 from diffprune.tasks import register as register_task
-from diffprune.tasks.store import folder, manifest_of
+from diffprune.tasks.store import beside, folder, manifest_of
 
 
 @flow(name="diffprune-pipeline", log_prints=True)
@@ -31,7 +29,7 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
         if params.registration.enabled and ctx.tracker:
             registered = ctx.tracked("register", lambda tracker: _register(ctx, tracker, refs, summary))
         report = render(summary, title=f"diffprune run {run_name}", links=_links(ctx, registered))
-        out = Path(params.orchestration.store).parent / "reports"
+        out = beside(params.orchestration.store, params.orchestration.store_cache) / "reports"
         grids = [folder(root, refs[s.name]) / "output" / image for s in LIBRARY for image in s.images]
         report_file = publish_report(report, grids, "diffprune-report", out / f"{run_name}.md")
         with atomic_file(out / "latest.md") as fh:
@@ -56,9 +54,9 @@ def _register(ctx: RunContext, tracker, refs: dict[str, dict], summary: dict) ->
 
     def version(parent_run_id: str) -> tuple[dict, bool]:
         # No retries: a retry after a half-done registration would add a second version.
-        state = register_task.register(params=stage_params(ctx.params, "register"), inputs=wiring("register", refs),
-                                       summary=summary, run=ctx.settings, extra={"tracking_uri": tracker.uri},
-                                       mlflow_run_id=parent_run_id, return_state=True)
+        state = ctx.shared(register_task.register)(
+            params=stage_params(ctx.params, "register"), inputs=wiring("register", refs), summary=summary,
+            run=ctx.settings, extra={"tracking_uri": tracker.uri}, mlflow_run_id=parent_run_id, return_state=True)
         ref, cached = state.result(), state.name == "Cached"
         ctx.hits["register"], ctx.keys["register"] = cached, ref["key"]
         get_run_logger().info("register: %s (key %s)", "cache hit" if cached else "computed", ref["key"])

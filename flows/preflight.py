@@ -17,6 +17,7 @@ import tomllib
 
 from diffprune.common.errors import DiffpruneError
 from diffprune.pipeline.config import Params
+from diffprune.tasks.store import check as check_store
 
 TIMEOUT_S = 3.0
 
@@ -56,6 +57,12 @@ def tracking(params: Params) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ServiceUnreachable(f"MLflow tracking store {uri} (from {origin}): {existing} is not writable; "
                                      "choose another tracking.uri or fix the folder's permissions")
+
+
+def store(params: Params) -> None:
+    """The content-addressed store: a URL store's server must answer, with its bucket and the credentials
+    accepted (:class:`~diffprune.tasks.store.StoreUnreachable`, exit 2); a path store is created when written."""
+    check_store(params.orchestration.store)
 
 
 def prefect_api() -> None:

@@ -110,7 +110,7 @@ def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
     for r in rows:
         if "error" in r:
             markdown += f"\n- {r['label']}: failed in {r['failed_stage']}: {r['error']}"
-    out = Path(params.orchestration.store).parent / "reports"
+    out = store.beside(params.orchestration.store, params.orchestration.store_cache) / "reports"
     write_json(out / f"sweep-{run_name}.json", rows)
     with atomic_file(out / f"sweep-{run_name}.csv") as fh:
         writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))

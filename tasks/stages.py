@@ -10,6 +10,7 @@ damaged is not trusted: the key policy turns that lookup into a miss, and the st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ def stage_code(stage: str) -> str:
     return code_version(stage) if STAGES[stage].library else code_version(stage, STAGES[stage].code)
 
 
-def cache_key(root: str, stage: str, params: dict, refs: dict[str, dict], extra: dict | None = None) -> str:
+def cache_key(root: store.Root, stage: str, params: dict, refs: dict[str, dict], extra: dict | None = None) -> str:
     inputs = {name: store.manifest_of(root, ref)["output_digest"] for name, ref in refs.items()}
     external = STAGES[stage].external  # inputs from outside the store, by content
     inputs.update(external(params) if external else {})
@@ -47,7 +48,7 @@ class RunSettings:
     """How the stage tasks of one flow run execute: where the store is, how stages are run and bounded.
     Passed to every stage task; never part of a cache key."""
 
-    store: str  # the content-addressed store's root (absolute)
+    store: store.Store  # the content-addressed store: its root (absolute path, or URL) and this host's cache
     executor: str  # "subprocess" (time limits enforced) or "inline"
     timeouts_min: dict[str, float]  # wall-clock limit per stage
     train_processes: int = 1  # training stages on N GPUs (accelerate launch)
@@ -56,12 +57,24 @@ class RunSettings:
     @classmethod
     def of(cls, params: Params) -> RunSettings:
         o = params.orchestration
-        return cls(str(Path(o.store).resolve()), o.executor, dict(o.timeouts_min), o.train_processes, o.max_workers)
+        root = o.store if store.is_url(o.store) else str(Path(o.store).resolve())
+        return cls(store.Store(root, str(Path(o.store_cache).resolve())), o.executor, dict(o.timeouts_min),
+                   o.train_processes, o.max_workers)
 
     def checkpoints(self, stage: str) -> Path:
         """A training stage's checkpoints: in the store, shared by every run of the stage (training
-        fingerprints its own checkpoint folders, so a different run never resumes from them)."""
-        return Path(self.store) / "_checkpoints" / stage
+        fingerprints its own checkpoint folders, so a different run never resumes from them). A URL store's
+        are written in this host's cache folder and mirrored to the store (:meth:`shared_checkpoints`)."""
+        base = self.store.cache if store.is_url(self.store.root) else self.store.root
+        return Path(base) / "_checkpoints" / stage
+
+    def shared_checkpoints(self, stage: str) -> contextlib.AbstractContextManager[None]:
+        """While a training stage runs: its checkpoints mirrored to a URL store (another host resumes from them)."""
+        if not store.is_url(self.store.root):
+            return contextlib.nullcontext()
+        from diffprune.tasks.checkpoints import shared
+
+        return shared(self.store.root, stage, self.checkpoints(stage))
 
 
 @dataclass
@@ -109,8 +122,9 @@ def run_stage(stage: str, params: dict, refs: dict[str, dict], run: RunSettings)
         params_file = scratch / "params.yaml"
         params_file.write_text(yaml.safe_dump({entry.params_key: params}, sort_keys=False))
         processes = run.train_processes if entry.trains else 1
-        run_cli(stage_argv(entry, params_file, scratch, inputs, run), run.executor,
-                run.timeouts_min[stage] * 60, processes, run.max_workers)
+        with run.shared_checkpoints(stage) if entry.trains else contextlib.nullcontext():
+            run_cli(stage_argv(entry, params_file, scratch, inputs, run), run.executor,
+                    run.timeouts_min[stage] * 60, processes, run.max_workers)
         return stage_summary(stage, scratch / "metrics")
 
     record = {"params": params, "inputs": {n: r["key"] for n, r in refs.items()}, "code": stage_code(stage)}

@@ -81,3 +81,13 @@ def prefect_api():
             yield PREFECT_API_URL.value()
         finally:
             os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3-compatible server (SeaweedFS, on loopback) for the session; clients get its endpoint and
+    credentials from ``s3_server.env`` (the standard AWS variables)."""
+    from servers import seaweed
+
+    with seaweed(tmp_path_factory.mktemp("s3-server")) as server:
+        yield server

@@ -23,7 +23,7 @@ def project(tmp_path, monkeypatch):
 def test_every_stage_documents_its_options():
     parser = build_parser()
     subs = parser._subparsers._group_actions[0].choices
-    assert set(subs) == set(NAMES) | {"run", "sweep", "serve"}
+    assert set(subs) == set(NAMES) | {"run", "sweep", "serve", "store"}
     for sub in subs.values():
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.option_strings} has no help"

@@ -35,7 +35,8 @@ class TrackingParams(_Strict):
     uri: str = Field("sqlite:///mlflow.db", description="a SQLite file in the project (relative paths: from where "
                                                         "you run)")
     experiment: str = Field("diffprune", min_length=1, description="MLflow experiment name")
-    artifact_root: str = Field("mlartifacts", description="artifact store of a newly created experiment")
+    artifact_root: str = Field("mlartifacts", description="artifact store of a newly created experiment: a path, "
+                               "or a URL kept as given (s3://…); a path under an http(s) server: the server's own")
     enabled: bool = Field(True, description="track runs in MLflow (registration needs it)")
 
 
@@ -51,7 +52,10 @@ class ScheduleParams(_Strict):
 class OrchestrationParams(_Strict):
     """How the Prefect flows run stages: store, processes, time limits, retries, task runner."""
 
-    store: str = Field("artifacts/store", description="content-addressed outputs: <store>/<stage>/<cache key>/")
+    store: str = Field("artifacts/store", description="content-addressed outputs: <store>/<stage>/<cache key>/; a "
+                                                      "path, or a URL (s3://bucket/prefix, file:///shared/mount)")
+    store_cache: str = Field("artifacts/store-cache", description="a URL store's entries, copied here as stages "
+                                                                  "read them (unused for a path store)")
     executor: Literal["subprocess", "inline"] = Field(
         "subprocess", description="subprocess: each stage in its own process, so the time limits hold")
     timeouts_min: dict[str, float] = Field(

@@ -36,6 +36,18 @@ def resolve_uri(params: TrackingParams) -> str:
     return uri
 
 
+def artifact_location(root: str, tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A URL (``s3://…``, ``file://…``, ``mlflow-artifacts:/…``)
+    is kept as given; a plain path is made absolute, except with an http(s) tracking server, where a path
+    on this host would be unreadable from any other: there the server's own default (``--artifacts-destination``,
+    served through the server) is used."""
+    if "://" in root or root.startswith("mlflow-artifacts:"):
+        return root
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return Path(root).resolve().as_uri()
+
+
 def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The run's page in the MLflow UI: the server itself for an http(s) URI, else where ``mlflow ui`` listens.
 
@@ -95,7 +107,7 @@ class Tracker:
             self.client = MlflowClient(self.uri)
             exp = self.client.get_experiment_by_name(params.experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-                params.experiment, artifact_location=Path(params.artifact_root).resolve().as_uri(),
+                params.experiment, artifact_location=artifact_location(params.artifact_root, self.uri),
                 tags=lineage.EXPERIMENT_KIND)
         if exp is not None and not lineage.EXPERIMENT_KIND.items() <= exp.tags.items():
             for k, v in lineage.EXPERIMENT_KIND.items():  # an experiment made before this tag existed

@@ -23,7 +23,7 @@ from diffprune.common.digests import sha256_file
 from diffprune.tasks.object_store import _filesystem
 
 MARKER = "complete.json"
-POLL_S = 2.0
+POLL_S = 0.5  # a local folder listing: cheap; uploads themselves run as long as they take
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import uuid
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -53,7 +54,7 @@ def client_env(monkeypatch, tmp_path):
     try:
         yield tmp_path
     finally:
-        tracking_utils._tracking_uri = previous
+        mlflow.set_tracking_uri(previous)  # also MLFLOW_TRACKING_URI, which set_tracking_uri exports to children
 
 
 def _s3(s3_server):

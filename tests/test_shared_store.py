@@ -19,7 +19,7 @@ from tiny import flow_params
 
 pytestmark = pytest.mark.slow
 # long enough to be cut off between checkpoints; the same on both hosts, so their keys are the same
-FINETUNE = {"steps": 60, "checkpoint_every": 10}
+FINETUNE = {"steps": 400, "checkpoint_every": 40}
 
 
 def _host(tmp: Path, name: str, s3, prefix: str, db: Path) -> tuple[Path, dict]:

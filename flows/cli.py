@@ -1,5 +1,5 @@
 """The ``diffprune`` command: the library's stage subcommands plus the orchestration commands
-``run | sweep | serve | register | store``. It sits on top of every layer (flows → tasks → diffprune), so the
+``run | sweep | serve | deploy | register | store``. It sits on top of every layer (flows → tasks → diffprune), so the
 library's own CLI (``python -m diffprune <stage>``, what stage subprocesses and ``dvc.yaml`` run) never
 reaches up into Prefect or MLflow. Flows and tasks are imported only once the params have validated,
 after the environment below is set (Prefect reads it at import time).
@@ -39,6 +39,7 @@ COMMANDS = {
     "run": "run the pipeline flow (the main job) on params.yaml",
     "sweep": "run the sweep flow: criteria × MACs targets × seeds, one comparison table",
     "serve": "serve the pipeline flow on the cron schedule in params.yaml (Prefect server)",
+    "deploy": "deploy the pipeline (cron from params.yaml) and sweep-branch flows on a work pool (Prefect server)",
     "register": STAGES["register"].help,  # the last stage of `dvc repro`
 }
 
@@ -103,6 +104,8 @@ def orchestrate(args: argparse.Namespace) -> dict:
     preflight.store(params)
     if args.orchestrate != "register":
         preflight.prefect_api()
+    if args.orchestrate == "sweep":
+        preflight.dask_cluster(params)  # orchestration.dask_address: the scheduler answers, every worker is ready
     if args.orchestrate == "run":
         from diffprune.flows.pipeline import pipeline
 
@@ -112,6 +115,10 @@ def orchestrate(args: argparse.Namespace) -> dict:
     if args.orchestrate == "sweep":
         from diffprune.flows.sweep import sweep
 
+        if params.orchestration.branches == "deployment":
+            from diffprune.flows.branches import require_cluster
+
+            require_cluster(params)  # before any stage: a shared store, the server, the branch deployment
         quiet_expected_tracebacks()
         result = sweep(params_file=args.params, overrides=overrides)
         print(result["table"])
@@ -121,6 +128,10 @@ def orchestrate(args: argparse.Namespace) -> dict:
         from diffprune.flows.serve import serve
 
         return serve(args.params, overrides, once=args.once)
+    if args.orchestrate == "deploy":
+        from diffprune.flows.deploy import deploy
+
+        return deploy(args.params, overrides)
     from diffprune.repro.workspace import register_workspace
 
     return register_workspace(params)

@@ -11,8 +11,8 @@ from prefect.runtime import deployment, flow_run
 
 from diffprune.common.errors import DiffpruneError
 from diffprune.evaluation.report import headline
-from diffprune.flows.store_cmd import params_file_tag
-from diffprune.pipeline.config import Params, load_params
+from diffprune.flows.store_cmd import PARAMS_FILE, params_file_tag
+from diffprune.pipeline.config import Params, load_params, params_from
 from diffprune.pipeline.table import HEADLINE, LIBRARY, STAGES, downstream
 from diffprune.tasks import store
 from diffprune.tasks.results import result_storage
@@ -54,7 +54,7 @@ class RunContext:
     """One flow run: runs stage tasks with the configured retries, logs hits and misses, mirrors each stage
     to a nested MLflow run of the run's parent run (``tracker``; None when tracking is off or was lost)."""
 
-    def __init__(self, params: Params, run_name: str):
+    def __init__(self, params: Params, run_name: str, source: str | None = None):
         self.params, self.run_name = params, run_name
         self.settings = RunSettings.of(params)
         self.hits: dict[str, bool] = {}
@@ -65,13 +65,20 @@ class RunContext:
         if params.tracking.enabled:
             from diffprune.tracking.runs import code_tags, start_tracking  # MLflow only when tracking is on
 
-            self.tracker = start_tracking(params.tracking, run_name, {
-                **code_tags(), **prefect_tags(), **params_file_tag(flow_run.parameters.get("params_file"))})
+            # A params file read here is tagged by its place in the work tree; params given by content (a
+            # deployment's) carry the tag their deploying host computed (``source``).
+            file_tag = ({PARAMS_FILE: source} if source else params_file_tag(flow_run.parameters.get("params_file")))
+            self.tracker = start_tracking(params.tracking, run_name, {**code_tags(), **prefect_tags(), **file_tag})
 
     @classmethod
-    def open(cls, params_file: str, overrides: list[str] | None, kind: str) -> RunContext:
-        """Validated params plus the MLflow parent run, named after the Prefect flow run."""
-        return cls(load_params(params_file, overrides or []), str(flow_run.name or kind))
+    def open(cls, params_file: str, overrides: list[str] | None, kind: str, content: dict | None = None) -> RunContext:
+        """Validated params plus the MLflow parent run, named after the Prefect flow run. ``content``: the params
+        themselves (a deployment's, which must not depend on a file of the deploying host); ``params_file`` then
+        only names where they came from."""
+        if content is None:
+            return cls(load_params(params_file, overrides or []), str(flow_run.name or kind))
+        given = params_from(content, overrides or [], "params (deployment parameters)")
+        return cls(given, str(flow_run.name or kind), source=params_file)
 
     def run_stages(self, stages: tuple[str, ...], refs: dict | None = None) -> dict[str, dict]:
         """Run ``stages`` in table order, each fed by the references of the stages before it."""

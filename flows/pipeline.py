@@ -1,7 +1,8 @@
 """The main job: prepare → teacher → score → prune → finetune → evaluate → register, as cached tasks.
 
 ``diffprune run`` (what ``make run`` calls) runs this flow on ``params.yaml`` plus ``--set`` overrides;
-``diffprune serve`` serves it on the cron schedule of ``params.yaml``'s ``schedule`` group.
+``diffprune serve`` serves it on the cron schedule of ``params.yaml``'s ``schedule`` group; ``diffprune deploy``
+puts it on a work pool with that schedule, its params by content.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from diffprune.tasks.store import beside, folder, manifest_of
 
 
 @flow(name="diffprune-pipeline", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Run (or find cached) every stage of the stage table; returns the headline numbers and where to look."""
-    ctx = RunContext.open(params_file, overrides, "pipeline")
+def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None, params: dict | None = None) -> dict:
+    """Run (or find cached) every stage of the stage table; returns the headline numbers and where to look.
+    ``params``: the params by content (what ``diffprune deploy`` gives a worker on any host), used instead of
+    reading ``params_file``, which then only names their source."""
+    ctx = RunContext.open(params_file, overrides, "pipeline", content=params)
     params, run_name, root = ctx.params, ctx.run_name, ctx.settings.store
     try:
         refs = ctx.run_stages(tuple(s.name for s in LIBRARY))

@@ -2,7 +2,9 @@
 
 Branches fan out as independent task futures; a score is computed once per criterion and seed and reused by
 every target (same cache key). The task runner is local threads by default, or a Dask cluster
-(``orchestration.task_runner: dask``). It ends with one paper-style comparison table.
+(``orchestration.task_runner: dask``); or each group of branches is a flow run of a work pool's workers on any
+host (``orchestration.branches: deployment``, :mod:`diffprune.flows.branches`). It ends with one paper-style
+comparison table.
 """
 
 from __future__ import annotations
@@ -61,20 +63,12 @@ def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
     params, run_name = ctx.params, ctx.run_name
     try:
         shared = ctx.run_stages(shared_stages(SWEPT))
-        submitted, chains = {}, []
-        for b in branches(params):
-            refs, chain, changes = dict(shared), {}, branch_changes(b)
-            for stage in (s.name for s in LIBRARY if s.name not in shared):
-                stage_args = {**stage_params(params, stage), **changes.get(stage, {})}
-                inputs = wiring(stage, refs)
-                # Identical work is submitted once: a criterion is scored once per seed for every target.
-                sig = (stage, json.dumps(stage_args, sort_keys=True), tuple((n, id(v)) for n, v in inputs.items()))
-                if sig not in submitted:
-                    submitted[sig] = ctx.stage_task(stage).submit(params=stage_args, inputs=inputs, run=ctx.settings)
-                refs[stage] = chain[stage] = submitted[sig]
-            chains.append((b, chain))
-        wait([f for _, chain in chains for f in chain.values()])
-        rows = [_row(ctx, b, chain, shared) for b, chain in chains]
+        if params.orchestration.branches == "deployment":  # flow runs on a work pool's workers, any host
+            from diffprune.flows.branches import through_pool
+
+            rows = through_pool(ctx, branches(params), shared)
+        else:
+            rows = _local(ctx, params, shared)
         table = _publish(rows, params, run_name)
         ctx.finish(all(r.get("fid") is not None for r in rows), report=table["markdown"])
     except BaseException:
@@ -83,6 +77,24 @@ def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
     if (lost := ctx.lost_error()) is not None:
         raise lost  # the comparison table is written; the tracking of it is incomplete
     return {"rows": rows, "table": table["markdown"], "table_file": table["file"], "cache_hits": dict(ctx.hits)}
+
+
+def _local(ctx: RunContext, params: Params, shared: dict) -> list[dict]:
+    """Every branch's own stages as task futures of this flow's task runner; one row per branch."""
+    submitted, chains = {}, []
+    for b in branches(params):
+        refs, chain, changes = dict(shared), {}, branch_changes(b)
+        for stage in (s.name for s in LIBRARY if s.name not in shared):
+            stage_args = {**stage_params(params, stage), **changes.get(stage, {})}
+            inputs = wiring(stage, refs)
+            # Identical work is submitted once: a criterion is scored once per seed for every target.
+            sig = (stage, json.dumps(stage_args, sort_keys=True), tuple((n, id(v)) for n, v in inputs.items()))
+            if sig not in submitted:
+                submitted[sig] = ctx.stage_task(stage).submit(params=stage_args, inputs=inputs, run=ctx.settings)
+            refs[stage] = chain[stage] = submitted[sig]
+        chains.append((b, chain))
+    wait([f for _, chain in chains for f in chain.values()])
+    return [_row(ctx, b, chain, shared) for b, chain in chains]
 
 
 def _row(ctx: RunContext, branch: dict, chain: dict, shared: dict) -> dict:
@@ -130,6 +142,17 @@ def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
 
 def task_runner(params: Params):
     o = params.orchestration
+    if o.dask_address:
+        from diffprune.flows.preflight import require_shared_api
+
+        # Task runs execute in the cluster's worker processes, on other hosts: they report to the Prefect API
+        # this run uses, so it must be one that outlives the flow and every host reaches (checked here as well
+        # as in the preflight: sweep() is also called directly). The cluster's own workers and threads, not
+        # max_workers, bound how many stages run at once.
+        require_shared_api(o.dask_address)
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=o.dask_address)
     if o.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -153,11 +176,14 @@ def sweep(params_file: str = "params.yaml", overrides: list[str] | None = None) 
 def _shared_api():
     """Dask workers are separate processes: without an API URL each would start its own temporary
     Prefect server (over a minute per run). Start one here and point every process at it."""
-    if os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # A URL from the active Prefect profile counts too: with an existing cluster the workers were checked
+    # against it, and a temporary server here (on 127.0.0.1) would be out of their reach.
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")))

@@ -23,7 +23,7 @@ def project(tmp_path, monkeypatch):
 def test_every_stage_documents_its_options():
     parser = build_parser()
     subs = parser._subparsers._group_actions[0].choices
-    assert set(subs) == set(NAMES) | {"run", "sweep", "serve", "store"}
+    assert set(subs) == set(NAMES) | {"run", "sweep", "serve", "deploy", "store"}
     for sub in subs.values():
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.option_strings} has no help"
@@ -133,7 +133,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(project):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("command", ["run", "sweep", "serve", "register"])
+@pytest.mark.parametrize("command", ["run", "sweep", "serve", "deploy", "register"])
 def test_orchestration_commands_validate_params_first(project, capsys, command):
     assert main([command, "--set", "prune.pruning_ratio=2"]) == 2
     err = capsys.readouterr().err.strip()

@@ -97,6 +97,7 @@ def project(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_the_sweep_runs_on_both_workers_of_an_existing_cluster_then_is_all_cache_hits(cluster, project):
     from distributed import Client, get_task_stream
 
@@ -128,6 +129,7 @@ def test_the_sweep_runs_on_both_workers_of_an_existing_cluster_then_is_all_cache
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_worker_without_prefect_api_url_is_named_by_the_preflight(cluster, project):
     from dask_servers import start_worker, stop_worker, wait_for_workers
 

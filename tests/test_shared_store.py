@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from diffprune.pipeline.table import NAMES
 from tiny import flow_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # long enough to be cut off between checkpoints; the same on both hosts, so their keys are the same
 FINETUNE = {"steps": 400, "checkpoint_every": 40}
 

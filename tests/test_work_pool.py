@@ -91,6 +91,7 @@ def _store_keys(s3, stage: str) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_deploy_and_a_pipeline_run_on_a_worker(cluster):
     c, tmp, submitter, hosts, _, out = cluster
     assert f"created work pool {POOL} (type process)" in out, out
@@ -115,6 +116,7 @@ def test_deploy_and_a_pipeline_run_on_a_worker(cluster):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_sweep_through_the_pool_spreads_branches_and_computes_each_stage_once(cluster):
     c, _, submitter, _, s3, _ = cluster
     _diffprune(c, submitter, "deploy")  # again: updates both deployments in place (and runs alone with -k)

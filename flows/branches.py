@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
 from diffprune.common.errors import DiffpruneError
 from diffprune.flows.context import RunContext, stage_params, summary_of, wiring
@@ -152,26 +154,46 @@ def through_pool(ctx: RunContext, todo: list[dict], shared: dict[str, dict]) -> 
     name = branch_deployment(params.schedule.work_pool)
     content = params.model_dump(mode="json", by_alias=True)
     parent = str(flow_run.id or "")
-    runs = []
-    for i, group in enumerate(groups(params, todo, shared)):
+
+    def submit(i: int, group: list[dict], attempt: int):
         # Created without waiting (timeout=0), then polled together: every group is queued at once. The
         # idempotency key makes a retried parent find its runs instead of starting them again.
+        key = f"{parent}-{i}" + (f"-{attempt}" if attempt else "")
         run = run_deployment(name, parameters={"params": content, "branches": group, "shared": shared,
                                                "params_file": f"sweep {ctx.run_name}"},
-                             timeout=0, idempotency_key=f"{parent}-{i}" if parent else None,
+                             timeout=0, idempotency_key=key if parent else None,
                              flow_run_name=f"{ctx.run_name}-{i}-{group[0]['label']}"[:100])
-        log.info("%s: flow run %s on work pool %s", ", ".join(b["label"] for b in group), run.name,
-                 params.schedule.work_pool)
-        runs.append((group, run))
+        log.info("%s: flow run %s on work pool %s%s", ", ".join(b["label"] for b in group), run.name,
+                 params.schedule.work_pool, f" (attempt {attempt + 1})" if attempt else "")
+        return run
+
+    runs = [(group, submit(i, group, 0)) for i, group in enumerate(groups(params, todo, shared))]
+    attempts = [0] * len(runs)
+    silence_s = 3 * (PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() or 180)
     rows = []
     with get_client(sync_client=True) as client:
-        pending, started, warned = {run.id for _, run in runs}, time.monotonic(), False
+        pending, started, warned = set(range(len(runs))), time.monotonic(), False
         while pending:
             waiting = 0
-            for rid in list(pending):
-                state = client.read_flow_run(rid).state
+            for i in sorted(pending):
+                group, run = runs[i]
+                current = client.read_flow_run(run.id)
+                state = current.state
+                if state is not None and state.is_running() and _silent_for(client, current) > silence_s:
+                    # Its worker is gone (a process worker leaves the run Running: Prefect #16746); say so
+                    # in the run's state, then start the group again below like any crashed run.
+                    from prefect.states import Crashed
+
+                    client.set_flow_run_state(run.id, Crashed(message=f"no heartbeat for {silence_s:.0f} s: its "
+                                                                      "worker is gone"), force=True)
+                    state = client.read_flow_run(run.id).state
                 if state is not None and state.is_final():
-                    pending.discard(rid)
+                    if state.is_crashed() and attempts[i] < params.orchestration.retries:
+                        attempts[i] += 1  # another worker takes it: finished stages are cache hits, a fine-tune
+                        log.warning("%s ended %s (%s); starting it again", run.name, state.name, state.message)
+                        runs[i] = (group, submit(i, group, attempts[i]))  # resumes from the shared checkpoint
+                        continue
+                    pending.discard(i)
                 waiting += state is None or state.is_scheduled()
             if waiting and not warned and time.monotonic() - started > IDLE_WARNING_S:
                 warned = True  # no time-out: a busy pool is not an error, but an empty one needs a person
@@ -184,6 +206,20 @@ def through_pool(ctx: RunContext, todo: list[dict], shared: dict[str, dict]) -> 
             for branch in group:
                 rows.append(_row(ctx, branch, shared, outcomes.get(branch["label"]), final))
     return rows
+
+
+def _silent_for(client, run) -> float:
+    """Seconds since a running flow run last showed life: its newest heartbeat event (the flow engine sends
+    one every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds), or its entering the Running state."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    since = run.state.timestamp
+    page = client.read_events(filter=EventFilter(
+        event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+        occurred=EventOccurredFilter(since=since)), limit=1)
+    last = max([since, *(e.occurred for e in page.events)])
+    return (datetime.now(timezone.utc) - last).total_seconds()
 
 
 def _row(ctx: RunContext, branch: dict, shared: dict, outcome: dict | None, run) -> dict:

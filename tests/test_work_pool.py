@@ -29,7 +29,9 @@ def cluster(tmp_path_factory, s3_server):
     tmp = tmp_path_factory.mktemp("pool")
     (tmp / "procs").mkdir()
     with prefect_cluster(tmp / "procs") as c:
+        # heartbeats every 30 s (Prefect's minimum): a run whose worker died is found silent after 90 s
         c.env.update({**s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint, "OMP_NUM_THREADS": "1",
+                      "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
                       "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"})
         hosts = [tmp / "host1", tmp / "host2"]
         submitter = tmp / "submitter"

@@ -1,0 +1,81 @@
+"""One sweep branch through a Prefect work pool vs the same branch on the submitting host.
+
+    python benchmarks/pool_overhead.py            # the default params: one branch of ~5 minutes each way
+    python benchmarks/pool_overhead.py --quick    # 100 fine-tuning steps, one 128-image evaluation seed
+
+A `prefect server start`, an S3 store (SeaweedFS) and one process-pool worker, all on loopback (the launchers
+the tests use). The sweep is one branch (magnitude, seed 0, the params' MACs target), run twice, cold, on
+separate store prefixes: with `orchestration.branches: local` and with `deployment` (after `diffprune deploy`).
+Both compute the shared stages (prepare, teacher) in the submitting process, so the difference is what the pool
+adds to a branch: the deployment run's scheduling, the worker's poll and the flow run's start-up, and reading
+the shared stages' entries into the worker's cache. Runs one after another, never side by side.
+Writes benchmarks/results/pool_overhead[-quick].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the launchers the tests use
+
+import yaml
+
+from benchmarks.common import save
+from benchmarks.overhead import timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    raw = yaml.safe_load(Path(args.params).read_text()) or {}
+    if args.quick:
+        raw["finetune"] = {**raw.get("finetune", {}), "steps": 100, "checkpoint_every": 50}
+        raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 128}
+    target = (raw.get("sweep", {}).get("target_macs") or [0.5])[0]
+    raw["sweep"] = {**raw.get("sweep", {}), "criteria": ["magnitude"], "seeds": [0], "target_macs": [target]}
+    from pool_servers import prefect_cluster
+    from servers import seaweed
+
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="diffprune-pool-overhead-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "procs").mkdir()
+        with seaweed(tmp / "s3") as s3, prefect_cluster(tmp / "procs") as cluster:
+            env = {**cluster.env, **s3.env, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
+            submitter = tmp / "submitter"
+            submitter.mkdir()
+            run = [sys.executable, "-m", "diffprune.flows"]
+            for mode in ("local", "deployment"):
+                params = {**raw, "orchestration": {**raw.get("orchestration", {}), "branches": mode,
+                                                   "store": f"s3://{s3.bucket}/{mode}",
+                                                   # relative: the worker keeps its own cache (another host)
+                                                   "store_cache": f"cache-{mode}"},
+                          "tracking": {**raw.get("tracking", {}), "uri": f"sqlite:///{tmp}/mlflow.db"},
+                          "schedule": {**raw.get("schedule", {}), "work_pool": "bench"}}
+                (submitter / "params.yaml").write_text(yaml.safe_dump(params))
+                if mode == "deployment":
+                    timed([*run, "deploy"], submitter, {**env, "PREFECT_HOME": str(submitter / "prefect")})
+                    cluster.worker("w1", "bench", tmp / "host1", {**s3.env, "OMP_NUM_THREADS": "2"})
+                    cluster.wait_worker("w1")
+                start = time.perf_counter()
+                timed([*run, "sweep"], submitter, {**env, "PREFECT_HOME": str(submitter / "prefect")})
+                seconds[mode] = time.perf_counter() - start
+    ratio = seconds["deployment"] / seconds["local"]
+    markdown = ("| one sweep branch (cold, plus the shared stages) | wall time |\n|---|---:|\n"
+                f"| on the submitting host (`branches: local`) | {seconds['local']:.0f} s |\n"
+                f"| through the work pool (`branches: deployment`, one worker) | {seconds['deployment']:.0f} s |\n\n"
+                f"Pool / local: {ratio:.2f}× (+{seconds['deployment'] - seconds['local']:.0f} s).\n")
+    print(markdown)
+    save("pool_overhead-quick" if args.quick else "pool_overhead", {"quick": args.quick, "seconds": seconds,
+                                                                     "ratio": ratio}, markdown)
+
+
+if __name__ == "__main__":
+    main()

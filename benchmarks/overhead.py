@@ -38,6 +38,23 @@ WORK_KEYS = {"teacher": "seconds", "score": "seconds", "prune": "seconds", "fine
              "evaluate": "seconds"}
 
 
+def quick_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line the overhead benchmarks share: ``--params`` and ``--quick`` (see :func:`read_params`)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--quick", action="store_true")
+    return ap
+
+
+def read_params(path: str, quick: bool) -> dict:
+    """The params file's content; ``quick``: 100 fine-tuning steps and one 128-image evaluation seed."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if quick:
+        raw["finetune"] = {**raw.get("finetune", {}), "steps": 100, "checkpoint_every": 50}
+        raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 128}
+    return raw
+
+
 def timed(cmd: list[str], cwd: Path, env: dict) -> float:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -119,10 +136,7 @@ def main() -> None:
         print(render_cached(result))
         save("overhead_cached", result, render_cached(result), args.out)
         return
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    if args.quick:
-        raw["finetune"] = {**raw.get("finetune", {}), "steps": 100, "checkpoint_every": 50}
-        raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 128}
+    raw = read_params(args.params, args.quick)
 
     with tempfile.TemporaryDirectory(prefix="diffprune-overhead-") as tmp:
         flow_project = scratch_project(Path(tmp) / "flow", raw)

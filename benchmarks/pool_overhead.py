@@ -14,7 +14,6 @@ Writes benchmarks/results/pool_overhead[-quick].{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -26,18 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the la
 import yaml
 
 from benchmarks.common import save
-from benchmarks.overhead import timed
+from benchmarks.overhead import quick_parser, read_params, timed
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    if args.quick:
-        raw["finetune"] = {**raw.get("finetune", {}), "steps": 100, "checkpoint_every": 50}
-        raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 128}
+    args = quick_parser(__doc__).parse_args()
+    raw = read_params(args.params, args.quick)
     target = (raw.get("sweep", {}).get("target_macs") or [0.5])[0]
     raw["sweep"] = {**raw.get("sweep", {}), "criteria": ["magnitude"], "seeds": [0], "target_macs": [target]}
     from pool_servers import prefect_cluster

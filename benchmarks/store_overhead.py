@@ -12,7 +12,6 @@ side by side. Writes benchmarks/results/store_overhead[-quick].{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -20,10 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the SeaweedFS launcher the tests use
 
-import yaml
 
 from benchmarks.common import save
-from benchmarks.overhead import env_for, scratch_project, timed
+from benchmarks.overhead import env_for, quick_parser, read_params, scratch_project, timed
 
 
 def project(root: Path, raw: dict, store: str, cache: Path, db: Path) -> Path:
@@ -33,14 +31,8 @@ def project(root: Path, raw: dict, store: str, cache: Path, db: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    raw = yaml.safe_load(Path(args.params).read_text()) or {}
-    if args.quick:
-        raw["finetune"] = {**raw.get("finetune", {}), "steps": 100, "checkpoint_every": 50}
-        raw["evaluate"] = {**raw.get("evaluate", {}), "seeds": [0], "n_samples": 128}
+    args = quick_parser(__doc__).parse_args()
+    raw = read_params(args.params, args.quick)
     from servers import seaweed
 
     run = [sys.executable, "-m", "diffprune.flows", "run"]

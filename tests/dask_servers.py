@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from servers import stop_group
 
 DASK = Path(sys.executable).with_name("dask")
 
@@ -108,7 +109,7 @@ def dask_cluster(folder: Path, api_url: str | None, workers: int = 2,
             cluster = DaskCluster(f"tcp://127.0.0.1:{port}", folder, [scheduler])
             if _wait_port(port, scheduler, timeout_s):
                 break
-            _stop_group(scheduler)
+            stop_group(scheduler)
             if scheduler.returncode is not None and "already in use" not in cluster.logs().lower():
                 raise RuntimeError(f"dask scheduler did not start within {timeout_s:.0f} s:\n{cluster.logs()}")
         else:
@@ -123,32 +124,10 @@ def dask_cluster(folder: Path, api_url: str | None, workers: int = 2,
     finally:
         if cluster is not None:
             for proc in reversed(cluster.procs):  # workers first: they would wait for a stopped scheduler
-                _stop_group(proc)
+                stop_group(proc)
 
 
 def stop_worker(cluster: DaskCluster, proc: subprocess.Popen) -> None:
-    _stop_group(proc)
+    stop_group(proc)
     cluster.procs.remove(proc)
 
-
-def _stop_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
-    """SIGTERM the process group ``proc`` leads, then SIGKILL what is left after ``wait_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(0.2)
-            if proc.poll() is not None and not _group_alive(proc.pid):
-                return
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

@@ -14,15 +14,14 @@ import pwd
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from servers import port_free, stop_group, wait_http
 
 PG_USER = "postgres"  # the database superuser initdb creates (-U); --auth=trust, so no password on loopback
 
@@ -37,20 +36,13 @@ def pg_bindir() -> Path | None:
     return max(found, key=lambda b: int(b.parent.name)) if found else None
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def free_port() -> int:
     """A free port below the ephemeral range, so that outgoing connections do not take it meanwhile."""
     while True:
         port = random.randrange(22000, 24000)  # beside servers.py's range, so the two don't pick the same ports
-        if _free(port):
+        if port_free(port):
             return port
 
 
@@ -190,14 +182,14 @@ def _serve(argv_for, health_path: str, folder: Path, env: dict, name: str, timeo
                                     start_new_session=True)
         try:
             base = f"http://127.0.0.1:{port}"
-            if _wait_http(base + health_path, proc, timeout_s):
+            if wait_http(base + health_path, proc, timeout_s):
                 yield Server(base, proc.pid, log)
                 return
             text = log.read_text(errors="replace")
             if "address already in use" not in text.lower():
                 raise RuntimeError(f"{name} did not answer {health_path} within {timeout_s:.0f} s:\n{text[-3000:]}")
         finally:
-            _stop_group(proc)
+            stop_group(proc)
     raise RuntimeError(f"{name}: no free port after 3 tries")
 
 
@@ -236,44 +228,6 @@ def prefect_on_postgres(cluster: PgCluster, folder: Path, database: str = "prefe
         yield Server(server.url + "/api", server.pgid, server.log)
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
-    """True once ``url`` answers 200; False if the server exits first or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.25)
-    return False
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the process group ``pgid`` is still running."""
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
-
-def _stop_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
-    """Stop the whole process group that ``proc`` leads, its children included even once the leader has exited:
-    SIGTERM, then SIGKILL for whatever is left after ``wait_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(0.2)
-            if proc.poll() is not None and not group_alive(proc.pid):
-                return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(wait_s)

@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from servers import wait_http
 
 MARKER = "DIFFPRUNE_TEST_PROCESS"
 BIN = Path(sys.executable).parent
@@ -96,17 +97,6 @@ class Cluster:
         raise AssertionError(f"worker {name} did not start within {timeout_s:.0f} s:\n{self.log(name)}")
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        time.sleep(0.5)
-    return False
 
 
 @contextlib.contextmanager
@@ -126,7 +116,7 @@ def prefect_cluster(folder: Path, timeout_s: float = 180.0) -> Iterator[Cluster]
                           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
             proc = cluster.start(f"server{attempt}", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                                       "--port", str(port)], folder, server_env)
-            if _wait_http(f"{api}/health", proc, timeout_s):
+            if wait_http(f"{api}/health", proc, timeout_s):
                 yield cluster
                 return
             if "address already in use" not in cluster.log(f"server{attempt}").lower():

@@ -37,7 +37,8 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether ``port`` can be bound on loopback now."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -52,7 +53,7 @@ def _ports(n: int) -> list[int]:
     chosen: list[int] = []
     while len(chosen) < n:
         port = random.randrange(20000, 22000)
-        if port not in chosen and _free(port) and _free(port + 10000):
+        if port not in chosen and port_free(port) and port_free(port + 10000):
             chosen.append(port)
     return chosen
 
@@ -149,18 +150,18 @@ def mlflow_server(folder: Path, s3: S3Server, prefix: str = "mlflow",
                                     start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            if _wait_http(f"{url}/health", proc, timeout_s):
+            if wait_http(f"{url}/health", proc, timeout_s):
                 yield MlflowServer(url, artifacts, proc.pid)
                 return
             text = log.read_text(errors="replace")
             if "address already in use" not in text.lower():
                 raise RuntimeError(f"mlflow server did not answer within {timeout_s:.0f} s:\n{text[-3000:]}")
         finally:
-            _stop_group(proc)
+            stop_group(proc)
     raise RuntimeError("mlflow server: no free port after 3 tries")
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
     """True once ``url`` answers 200; False if the server exits first or the time runs out."""
     import urllib.request
 
@@ -189,7 +190,7 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
-def _stop_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+def stop_group(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
     """Stop the whole process group that ``proc`` leads, its children included even once the leader has exited:
     SIGTERM, then SIGKILL for whatever is left after ``wait_s``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from pg_servers import group_alive, mlflow_on_postgres, pg_bindir, postgres, prefect_on_postgres
+from pg_servers import mlflow_on_postgres, pg_bindir, postgres, prefect_on_postgres
+from servers import group_alive
 
 from diffprune.pipeline.table import NAMES
 from tiny import flow_params

@@ -33,7 +33,7 @@ repro: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check diffprune tasks flows tests benchmarks
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile   # two workers; a test file stays on one
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder   # two workers; a file stays on one; longest files first (tests/conftest.py)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check diffprune tasks flows tests benchmarks

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +27,7 @@ import yaml
 
 from benchmarks.common import save
 from benchmarks.overhead import quick_parser, read_params, timed
+from diffprune.pipeline.table import NAMES
 
 
 def main() -> None:
@@ -36,7 +38,7 @@ def main() -> None:
     from pool_servers import prefect_cluster
     from servers import seaweed
 
-    seconds = {}
+    seconds, timelines = {}, {}
     with tempfile.TemporaryDirectory(prefix="diffprune-pool-overhead-") as tmp:
         tmp = Path(tmp)
         (tmp / "procs").mkdir()
@@ -57,17 +59,60 @@ def main() -> None:
                     timed([*run, "deploy"], submitter, {**env, "PREFECT_HOME": str(submitter / "prefect")})
                     cluster.worker("w1", "bench", tmp / "host1", {**s3.env, "OMP_NUM_THREADS": "2"})
                     cluster.wait_worker("w1")
-                start = time.perf_counter()
+                start, since = time.perf_counter(), datetime.now(timezone.utc)
                 timed([*run, "sweep"], submitter, {**env, "PREFECT_HOME": str(submitter / "prefect")})
                 seconds[mode] = time.perf_counter() - start
+                print(f"{mode}: {seconds[mode]:.1f} s", flush=True)
+                timelines[mode] = timeline(cluster.api, since)
     ratio = seconds["deployment"] / seconds["local"]
     markdown = ("| one sweep branch (cold, plus the shared stages) | wall time |\n|---|---:|\n"
                 f"| on the submitting host (`branches: local`) | {seconds['local']:.0f} s |\n"
                 f"| through the work pool (`branches: deployment`, one worker) | {seconds['deployment']:.0f} s |\n\n"
-                f"Pool / local: {ratio:.2f}× (+{seconds['deployment'] - seconds['local']:.0f} s).\n")
+                f"Pool / local: {ratio:.2f}× (+{seconds['deployment'] - seconds['local']:.0f} s).\n\n"
+                + breakdown(timelines))
     print(markdown)
     save("pool_overhead-quick" if args.quick else "pool_overhead", {"quick": args.quick, "seconds": seconds,
-                                                                     "ratio": ratio}, markdown)
+                                                                     "ratio": ratio, "timelines": timelines}, markdown)
+
+
+def timeline(api: str, since: datetime) -> dict[str, list]:
+    """The flow runs created since ``since`` and their task runs: (name, start, end) in seconds from the first
+    flow run's start, and when each flow run was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterStartTime
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            start_time=FlowRunFilterStartTime(after_=since))) if r.start_time and r.end_time]
+        t0 = min(r.start_time for r in runs)
+        out = {}
+        for r in sorted(runs, key=lambda r: r.start_time):
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id])))
+            rows = [["(created)", (r.created - t0).total_seconds(), None],
+                    ["(flow run)", (r.start_time - t0).total_seconds(), (r.end_time - t0).total_seconds()]]
+            # run_deployment's own task run (a randomly named placeholder for the child flow run) is the wait
+            rows += sorted([_step(t.name), (t.start_time - t0).total_seconds(), (t.end_time - t0).total_seconds()]
+                           for t in tasks if t.start_time and t.end_time)
+            out[r.name] = sorted(rows, key=lambda row: row[1])
+    return out
+
+
+def _step(task_run_name: str) -> str:
+    name = task_run_name.rsplit("-", 1)[0]
+    return name if name in NAMES else "(waiting for the branch's flow run)"
+
+
+def breakdown(timelines: dict[str, dict[str, list]]) -> str:
+    """Where the time went, per mode: every flow and task run's start and end, in seconds."""
+    lines = ["| mode | flow run | step | start (s) | end (s) | seconds |", "|---|---|---|---:|---:|---:|"]
+    for mode, runs in timelines.items():
+        for run, rows in runs.items():
+            for name, start, end in rows:
+                took = f"{end - start:.1f}" if end is not None else ""
+                lines.append(f"| {mode} | {run} | {name} | {start:.1f} | {'' if end is None else f'{end:.1f}'} | "
+                             f"{took} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

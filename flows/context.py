@@ -14,6 +14,7 @@ from diffprune.evaluation.report import headline
 from diffprune.flows.store_cmd import PARAMS_FILE, params_file_tag
 from diffprune.pipeline.config import Params, load_params, params_from
 from diffprune.pipeline.table import HEADLINE, LIBRARY, STAGES, downstream
+from diffprune.tasks import register as register_task
 from diffprune.tasks import store
 from diffprune.tasks.results import result_storage
 from diffprune.tasks.stages import TASKS, RunSettings
@@ -116,6 +117,25 @@ class RunContext:
         self.tracked(label, lambda t: t.log_stage(stage, manifest["params"], manifest["summary"], folder / "metrics",
                                                 folder / "output", tags, cached_key=ref["key"] if cached else None))
         return manifest
+
+    def register(self, refs: dict[str, dict], summary: dict, label: str = "register") -> dict | None:
+        """Register the chain's fine-tuned model (:func:`diffprune.tracking.register.register`, in a nested run
+        named ``label``), its registration a cached task: an unchanged chain never adds a second version. None
+        when tracking is off or lost."""
+        from diffprune.tracking.register import register  # MLflow only when tracking is on
+
+        def version(parent_run_id: str) -> tuple[dict, bool]:
+            # No retries: a retry after a half-done registration would add a second version.
+            state = self.shared(register_task.register)(
+                params=stage_params(self.params, "register"), inputs=wiring("register", refs), summary=summary,
+                run=self.settings, extra={"tracking_uri": self.tracker.uri}, mlflow_run_id=parent_run_id,
+                return_state=True)
+            ref, cached = state.result(), state.name == "Cached"
+            self.hits[label], self.keys[label] = cached, ref["key"]
+            get_run_logger().info("%s: %s (key %s)", label, "cache hit" if cached else "computed", ref["key"])
+            return store.manifest_of(self.settings.store, ref)["summary"], cached
+
+        return self.tracked(label, lambda tracker: register(tracker, version, label))
 
     def tracked(self, what: str, call: Callable[[Any], T]) -> T | None:
         """``call(tracker)`` unless tracking is off or lost. A tracking server that dies mid-run must not cost

@@ -48,7 +48,7 @@ def deployments(params: Params, content: Params, source: str, pool_type: str) ->
     """The pipeline deployment (cron from ``schedule``) and the sweep-branch deployment (no schedule: the sweep
     starts its runs), both taking ``content`` as their params."""
     s = params.schedule
-    jobs = {"working_dir": "."} if pool_type == "process" else {}
+    jobs = {**({"working_dir": "."} if pool_type == "process" else {}), **s.job_variables}
     given = {"params": content.model_dump(mode="json", by_alias=True), "params_file": source}
     common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["diffprune"]}
     return [

@@ -12,10 +12,9 @@ from prefect import flow, get_run_logger
 from diffprune.common.atomic import atomic_file
 from diffprune.evaluation.report import render
 from diffprune.flows.artifacts import publish_report
-from diffprune.flows.context import RunContext, stage_params, summary_of, wiring
+from diffprune.flows.context import RunContext, summary_of
 from diffprune.pipeline.table import LIBRARY
-from diffprune.tasks import register as register_task
-from diffprune.tasks.store import beside, folder, manifest_of
+from diffprune.tasks.store import beside, folder
 
 
 @flow(name="diffprune-pipeline", log_prints=True)
@@ -30,7 +29,7 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
         summary = summary_of(root, refs)
         registered = None
         if params.registration.enabled and ctx.tracker:
-            registered = ctx.tracked("register", lambda tracker: _register(ctx, tracker, refs, summary))
+            registered = ctx.register(refs, summary)
         report = render(summary, title=f"diffprune run {run_name}", links=_links(ctx, registered))
         out = beside(params.orchestration.store, params.orchestration.store_cache) / "reports"
         grids = [folder(root, refs[s.name]) / "output" / image for s in LIBRARY for image in s.images]
@@ -49,23 +48,6 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
     return {"summary": summary, "registered": registered, "report": str(report_file), "cache_hits": dict(ctx.hits),
             "keys": dict(ctx.keys), "mlflow_run_id": tracker.run_id if tracker else None,
             "tracking_uri": tracker.uri if tracker else None, "mlflow_url": _experiment_url(ctx)}
-
-
-def _register(ctx: RunContext, tracker, refs: dict[str, dict], summary: dict) -> dict:
-    """The one register path (:func:`diffprune.tracking.register.register`), its registration cached."""
-    from diffprune.tracking.register import register
-
-    def version(parent_run_id: str) -> tuple[dict, bool]:
-        # No retries: a retry after a half-done registration would add a second version.
-        state = ctx.shared(register_task.register)(
-            params=stage_params(ctx.params, "register"), inputs=wiring("register", refs), summary=summary,
-            run=ctx.settings, extra={"tracking_uri": tracker.uri}, mlflow_run_id=parent_run_id, return_state=True)
-        ref, cached = state.result(), state.name == "Cached"
-        ctx.hits["register"], ctx.keys["register"] = cached, ref["key"]
-        get_run_logger().info("register: %s (key %s)", "cache hit" if cached else "computed", ref["key"])
-        return manifest_of(ctx.settings.store, ref)["summary"], cached
-
-    return register(tracker, version)
 
 
 def _experiment_url(ctx: RunContext) -> str | None:

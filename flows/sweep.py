@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def sweep_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
             rows = through_pool(ctx, branches(params), shared)
         else:
             rows = _local(ctx, params, shared)
+        if params.registration.enabled and ctx.tracker:
+            _register(ctx, rows)
         table = _publish(rows, params, run_name)
         ctx.finish(all(r.get("fid") is not None for r in rows), report=table["markdown"])
     except BaseException:
@@ -111,6 +114,21 @@ def _row(ctx: RunContext, branch: dict, chain: dict, shared: dict) -> dict:
     return {**summary_of(ctx.settings.store, refs), **branch, "grid": str(grid)}
 
 
+def _register(ctx: RunContext, rows: list[dict]) -> None:
+    """Every finished branch's model as a version of the registry, each through the gate. Worst FID ratio
+    first: a version is compared with the champion before it, so the champion only moves to a better branch
+    and ends on the best one that passes (unless an earlier run's is clearly better)."""
+    done = [r for r in rows if "error" not in r]
+    for row in sorted(done, key=lambda r: -math.inf if r.get("fid_ratio") is None else r["fid_ratio"], reverse=True):
+        label = row["label"]
+        refs = {s.name: store.reference(s.name, ctx.keys.get(f"{label}/{s.name}") or ctx.keys[s.name])
+                for s in LIBRARY}
+        outcome = ctx.register(refs, {**summary_of(ctx.settings.store, refs), "branch": label}, f"{label}/register")
+        if outcome:
+            row.update(registered=outcome["model_uri"], aliases=",".join(outcome["aliases"]),
+                       gate="passed" if outcome["gate"]["passed"] else "refused")
+
+
 def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
     done = [r for r in rows if "error" not in r]
     teacher_row = ({"criterion": "teacher", "thr": None, "target_macs": 1.0, "params": done[0]["teacher_params"],
@@ -119,6 +137,10 @@ def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
     markdown = "# diffprune sweep\n\n" + comparison(([teacher_row] if teacher_row else []) + done)
     if len({r["seed"] for r in done}) > 1:
         markdown += "\n## Paired by seed\n\n" + paired.render(done)
+    if any("registered" in r for r in rows):
+        markdown += "\n## Registered\n\n" + "\n".join(
+            f"- {r['label']}: `{r['registered']}` aliases {r['aliases'] or '-'} (gate {r['gate']})"
+            for r in rows if "registered" in r) + "\n"
     for r in rows:
         if "error" in r:
             markdown += f"\n- {r['label']}: failed in {r['failed_stage']}: {r['error']}"

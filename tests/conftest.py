@@ -24,6 +24,18 @@ from diffprune.family.models import build_unet, make_scheduler, save_model
 from tiny import TINY_ARCH, TINY_DATA
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with integration tests first, then files with slow ones, then the rest (a stable sort: files keep
+    their order within each rank). `make test` runs files on two workers in this order (`--dist loadfile
+    --no-loadscope-reorder`): the minutes-long multi-server files start early instead of last, when one worker
+    would run them while the other waits."""
+    rank: dict = {}
+    for item in items:
+        r = 0 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("slow") else 2
+        rank[item.path] = min(rank.get(item.path, 2), r)
+    items.sort(key=lambda item: rank[item.path])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     torch.set_num_threads(1)

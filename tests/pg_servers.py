@@ -3,7 +3,7 @@
 Everything listens on loopback, waits at most ``timeout_s`` for readiness and is always stopped (process groups;
 the cluster with ``pg_ctl stop -m immediate``), its folders removed.
 
-The pattern is tests/servers.py's (copied, not imported: its helpers are private to it).
+The servers start through tests/servers.py's :func:`~servers.serve`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import random
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import port_free, stop_group, wait_http
+from servers import Server, free_port, serve
 
 PG_USER = "postgres"  # the database superuser initdb creates (-U); --auth=trust, so no password on loopback
 
@@ -36,14 +35,6 @@ def pg_bindir() -> Path | None:
     return max(found, key=lambda b: int(b.parent.name)) if found else None
 
 
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range, so that outgoing connections do not take it meanwhile."""
-    while True:
-        port = random.randrange(22000, 24000)  # beside servers.py's range, so the two don't pick the same ports
-        if port_free(port):
-            return port
 
 
 @dataclass(frozen=True)
@@ -156,41 +147,12 @@ def _pg_stop(run_as: list[str], bindir: Path, data: Path, run: dict) -> None:
 
 # --- MLflow and Prefect servers with their databases in the cluster -------------------------------------------
 
-@dataclass(frozen=True)
-class Server:
-    url: str  # what clients use: MLFLOW_TRACKING_URI, or PREFECT_API_URL (…/api)
-    pgid: int  # its process group: empty once the server is stopped
-    log: Path
-
-
 def _clean_env(**extra: str) -> dict[str, str]:
     """The servers' environment: the test process's, less any client setting another test may have exported
     (the session's Prefect test server, a tracking URI), plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING_", "MLFLOW_REGISTRY_", "MLFLOW_EXPERIMENT_"))}
     return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", **extra}
-
-
-@contextlib.contextmanager
-def _serve(argv_for, health_path: str, folder: Path, env: dict, name: str, timeout_s: float) -> Iterator[Server]:
-    """Start ``argv_for(port)`` in its own process group until ``health_path`` answers 200; stopped on exit."""
-    for attempt in range(3):  # another process may take the chosen port before the server binds it
-        port = free_port()
-        log = folder / f"{name}-{attempt}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv_for(port), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder,
-                                    start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            if wait_http(base + health_path, proc, timeout_s):
-                yield Server(base, proc.pid, log)
-                return
-            text = log.read_text(errors="replace")
-            if "address already in use" not in text.lower():
-                raise RuntimeError(f"{name} did not answer {health_path} within {timeout_s:.0f} s:\n{text[-3000:]}")
-        finally:
-            stop_group(proc)
-    raise RuntimeError(f"{name}: no free port after 3 tries")
 
 
 @contextlib.contextmanager
@@ -206,7 +168,7 @@ def mlflow_on_postgres(cluster: PgCluster, folder: Path, database: str = "mlflow
         return [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                 "--backend-store-uri", cluster.url(database), "--artifacts-destination", str(folder / "artifacts")]
 
-    with _serve(argv, "/health", folder, env, "mlflow", timeout_s) as server:
+    with serve(argv, "/health", folder, env, "mlflow", timeout_s) as server:
         yield server
 
 
@@ -224,7 +186,7 @@ def prefect_on_postgres(cluster: PgCluster, folder: Path, database: str = "prefe
     def argv(port: int) -> list[str]:
         return [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
 
-    with _serve(argv, "/api/health", folder, env, "prefect", timeout_s) as server:
+    with serve(argv, "/api/health", folder, env, "prefect", timeout_s) as server:
         yield Server(server.url + "/api", server.pgid, server.log)
 
 

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +121,45 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @dataclass(frozen=True)
+class Server:
+    url: str  # what clients use: MLFLOW_TRACKING_URI, or PREFECT_API_URL (…/api)
+    pgid: int  # its process group: empty once the server is stopped
+    log: Path
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range, so that outgoing connections do not take it meanwhile."""
+    while True:
+        port = random.randrange(22000, 24000)  # beside _ports' range, so the two never pick the same ports
+        if port_free(port):
+            return port
+
+
+@contextlib.contextmanager
+def serve(argv_for: Callable[[int], list[str]], health_path: str, folder: Path, env: dict, name: str,
+          timeout_s: float) -> Iterator[Server]:
+    """Start ``argv_for(port)`` in its own process group until ``health_path`` answers 200; stopped on exit (its
+    whole group, on failure too). A port taken between the choice and the bind gets another try."""
+    for attempt in range(3):
+        port = free_port()
+        log = folder / f"{name}-{attempt}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv_for(port), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder,
+                                    start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            if wait_http(base + health_path, proc, timeout_s):
+                yield Server(base, proc.pid, log)
+                return
+            text = log.read_text(errors="replace")
+            if "address already in use" not in text.lower():
+                raise RuntimeError(f"{name} did not answer {health_path} within {timeout_s:.0f} s:\n{text[-3000:]}")
+        finally:
+            stop_group(proc)
+    raise RuntimeError(f"{name}: no free port after 3 tries")
+
+
+@dataclass(frozen=True)
 class MlflowServer:
     url: str  # the tracking URI clients use
     artifacts: str  # where the server keeps proxied artifacts: s3://bucket/prefix
@@ -138,27 +177,14 @@ def mlflow_server(folder: Path, s3: S3Server, prefix: str = "mlflow",
     env = {**os.environ, **s3.env, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    for attempt in range(3):  # another process may take the chosen port before the server binds it
-        [port] = _ports(1)
-        data = folder / f"try{attempt}"
-        data.mkdir(parents=True)
-        argv = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{data}/mlflow.db", "--artifacts-destination", artifacts]
-        log = data / "mlflow.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=data,
-                                    start_new_session=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            if wait_http(f"{url}/health", proc, timeout_s):
-                yield MlflowServer(url, artifacts, proc.pid)
-                return
-            text = log.read_text(errors="replace")
-            if "address already in use" not in text.lower():
-                raise RuntimeError(f"mlflow server did not answer within {timeout_s:.0f} s:\n{text[-3000:]}")
-        finally:
-            stop_group(proc)
-    raise RuntimeError("mlflow server: no free port after 3 tries")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def argv(port: int) -> list[str]:
+        return [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{folder}/mlflow-{port}.db", "--artifacts-destination", artifacts]
+
+    with serve(argv, "/health", folder, env, "mlflow", timeout_s) as server:
+        yield MlflowServer(server.url, artifacts, server.pgid)
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:

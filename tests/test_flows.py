@@ -162,11 +162,20 @@ def test_concurrent_runs_keep_their_own_results(project):
 def test_sweep_fans_out_on_a_local_dask_cluster_and_shares_scores(project):
     from diffprune.flows.sweep import sweep
 
-    params_file = _write(project, register={"enabled": False},
-                         orchestration={"task_runner": "dask", "max_workers": 2},
+    params_file = _write(project, orchestration={"task_runner": "dask", "max_workers": 2},
                          sweep={"criteria": ["diff-pruning", "magnitude"], "target_macs": [0.7, 0.5], "seeds": [0]})
     result = sweep(params_file)
     assert len(result["rows"]) == 4 and all("error" not in r for r in result["rows"])
+    # Every branch registered, worst FID ratio first: the champion ends on the best branch the gate passes.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    name = result["rows"][0]["registered"].split("/")[1]
+    versions = {v.tags["branch"]: v for v in client.search_model_versions(f"name = '{name}'")}
+    assert set(versions) == {r["label"] for r in result["rows"]}
+    best = min(result["rows"], key=lambda r: r["fid_ratio"])
+    assert client.get_model_version_by_alias(name, "champion").version == versions[best["label"]].version
+    assert "## Registered" in result["table"]
     assert {r["criterion"] for r in result["rows"]} == {"diff-pruning", "magnitude"}
     assert all(r["macs_ratio"] <= r["target_macs"] + 1e-9 for r in result["rows"])
     assert len(list((project / "artifacts/store/score").glob("[0-9a-f]*"))) == 2, "one score per criterion"

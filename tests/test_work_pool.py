@@ -1,8 +1,9 @@
 """Work pools, for real (the slow tests): a `prefect server start` on loopback, a process pool with two
 `prefect worker start --limit 1` processes in their own working folders and Prefect homes (two "hosts"), one S3
-store (SeaweedFS) and one MLflow database shared by all. `diffprune deploy` + `prefect deployment run` completes
-the pipeline on a worker; a sweep with `orchestration.branches: deployment` spreads its branches over both
-workers, computes every stage once, and a second run of it is all cache hits."""
+store (SeaweedFS) and one `mlflow server` (artifacts proxied to S3) shared by all. `diffprune deploy` +
+`prefect deployment run` completes the pipeline on a worker; a sweep with `orchestration.branches: deployment`
+spreads its branches over both workers, computes every stage once, registers every branch's model, and a second
+run of it is all cache hits."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pool_servers import prefect_cluster
+from servers import mlflow_server
 
 from diffprune.pipeline.table import LIBRARY
 from tiny import flow_params
@@ -28,9 +30,10 @@ STAGES = {s.name for s in LIBRARY}
 def cluster(tmp_path_factory, s3_server):
     tmp = tmp_path_factory.mktemp("pool")
     (tmp / "procs").mkdir()
-    with prefect_cluster(tmp / "procs") as c:
+    with mlflow_server(tmp / "mlflow", s3_server, prefix="pool-mlflow") as tracking, \
+            prefect_cluster(tmp / "procs") as c:
         # heartbeats every 30 s (Prefect's minimum): a run whose worker died is found silent after 90 s
-        c.env.update({**s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint, "OMP_NUM_THREADS": "1",
+        c.env.update({**s3_server.env, "OMP_NUM_THREADS": "1",
                       "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
                       "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"})
         hosts = [tmp / "host1", tmp / "host2"]
@@ -41,14 +44,14 @@ def cluster(tmp_path_factory, s3_server):
                              sweep={"criteria": ["magnitude", "random"], "seeds": [0, 1], "target_macs": [0.7]})
         # One store for all; each host's store cache is relative: under its own working folder.
         params["orchestration"].update(store=f"s3://{s3_server.bucket}/pool", store_cache="artifacts/store-cache")
-        params["tracking"].update(uri=f"sqlite:///{tmp}/mlflow.db", artifact_root=f"s3://{s3_server.bucket}/pool-ml")
+        params["tracking"].update(uri=tracking.url)  # artifacts: the server's (proxied to S3)
         (submitter / "params.yaml").write_text(yaml.safe_dump(params))
         deployed = _diffprune(c, submitter, "deploy")  # creates the pool: deploy first, as a team would
         for i, home in enumerate(hosts):
             c.worker(f"w{i + 1}", POOL, home, {})
         for i in range(len(hosts)):
             c.wait_worker(f"w{i + 1}")
-        yield c, tmp, submitter, hosts, s3_server, deployed
+        yield c, tracking.url, submitter, hosts, s3_server, deployed
 
 
 def _diffprune(c, submitter: Path, *args: str, timeout: float = 600) -> str:
@@ -95,7 +98,7 @@ def _store_keys(s3, stage: str) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_deploy_and_a_pipeline_run_on_a_worker(cluster):
-    c, tmp, submitter, hosts, _, out = cluster
+    c, tracking, submitter, hosts, _, out = cluster
     assert f"created work pool {POOL} (type process)" in out, out
     assert f"prefect worker start --pool {POOL} --limit 1" in out and "CUDA_VISIBLE_DEVICES=1" in out, out
     with _api(c) as client:
@@ -113,14 +116,14 @@ def test_deploy_and_a_pipeline_run_on_a_worker(cluster):
     assert len(ran) == 1, "the run's report sits in the working folder of the worker that ran it"
     from mlflow import MlflowClient
 
-    versions = MlflowClient(f"sqlite:///{tmp}/mlflow.db").search_model_versions()
+    versions = MlflowClient(tracking).search_model_versions()
     assert versions, "the run registered its model"
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_sweep_through_the_pool_spreads_branches_and_computes_each_stage_once(cluster):
-    c, _, submitter, _, s3, _ = cluster
+    c, tracking, submitter, _, s3, _ = cluster
     _diffprune(c, submitter, "deploy")  # again: updates both deployments in place (and runs alone with -k)
     out = _diffprune(c, submitter, "sweep", "--set", "orchestration.branches=deployment")
     assert "comparison written to" in out
@@ -134,12 +137,28 @@ def test_a_sweep_through_the_pool_spreads_branches_and_computes_each_stage_once(
     for stage in STAGES:  # each entry of the store computed by exactly one task run, on whichever host
         assert runs[stage].count("Completed") == len(_store_keys(s3, stage)), (stage, runs[stage])
     assert len(_store_keys(s3, "score")) >= 4  # 2 criteria × 2 seeds (and the pipeline's, if it ran)
+    registered = _branch_versions(tracking)
+    assert set(registered) == {r["label"] for r in rows}, registered  # one version per branch, by the parent
+    assert all(r["registered"] == f"models:/{r['registered'].split('/')[1]}/{registered[r['label']]}" for r in rows)
 
     _diffprune(c, submitter, "sweep", "--set", "orchestration.branches=deployment")
     again = _stage_runs(c)
     assert {s: r.count("Completed") for s, r in again.items()} == {s: r.count("Completed") for s, r in runs.items()}
     hits = sum(r.count("Cached") for r in again.values()) - sum(r.count("Cached") for r in runs.values())
     assert hits == 2 + 4 * 4, hits  # all cache hits: prepare and teacher in the parent, 4 stages in 4 branches
+    assert _branch_versions(tracking) == registered, "registration was a cache hit: no second version"
+
+
+def _branch_versions(tracking: str) -> dict[str, str]:
+    """The registry's versions that a sweep registered: version number by branch label (its version tag)."""
+    from mlflow import MlflowClient
+
+    found = {}
+    for v in MlflowClient(tracking).search_model_versions():
+        if "branch" in v.tags:
+            assert v.tags["branch"] not in found, f"{v.tags['branch']} registered twice"
+            found[v.tags["branch"]] = str(v.version)
+    return found
 
 
 def test_branches_on_a_pool_need_a_shared_store(tmp_path, capsys, monkeypatch):

@@ -54,7 +54,7 @@ def test_a_branch_whose_worker_dies_completes_on_the_other_worker_from_the_share
     c, _, submitter, hosts, s3, _ = cluster
     params = yaml.safe_load((submitter / "params.yaml").read_text())
     params["sweep"] = {"criteria": ["magnitude"], "seeds": [0], "target_macs": [0.7]}
-    params["finetune"].update(steps=1500, checkpoint_every=100)
+    params["finetune"].update(steps=600, checkpoint_every=100)
     params["orchestration"].update(store=f"s3://{s3.bucket}/pool-kill", retries=1)
     (submitter / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**c.env, "PREFECT_HOME": str(submitter / "prefect"), "PYTHONPATH": str(Path(__file__).parent)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,6 +50,9 @@ class ScheduleParams(_Strict):
     params: str = Field("params.yaml", description="the params file every scheduled run reads")
     work_pool: str = Field("diffprune", min_length=1,
                            description="diffprune deploy: the Prefect work pool (a process pool if missing)")
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict, description="diffprune deploy: both deployments' job variables (docker or kubernetes "
+                                          "pools: image, env, …), over the pool's defaults")
 
 
 class OrchestrationParams(_Strict):

@@ -17,7 +17,7 @@ from diffprune.pipeline.stage_params import RegisterParams
 TAG_KEYS = (
     "criterion", "thr", "variant", "pruning_ratio", "target_macs", "macs", "macs_ratio", "params", "fid", "fid_std",
     "fid_ratio", "teacher_fid", "ssim", "speedup", "teacher", "fid_extractor", "sampler_steps", "n_samples",
-    "family", "guidance_scale", "pipeline_speedup", "accuracy", "teacher_accuracy", "clip_score",
+    "family", "guidance_scale", "pipeline_speedup", "accuracy", "teacher_accuracy", "clip_score", "branch",
 )
 
 

@@ -173,13 +173,13 @@ def register_version(model_dir: str | Path, summary: dict, params: RegisterParam
     }
 
 
-def register(tracker: Tracker, version: Callable[[str], tuple[dict, bool]]) -> dict:
-    """The register stage under both front ends: a nested "register" run under the tracker's parent run,
+def register(tracker: Tracker, version: Callable[[str], tuple[dict, bool]], run_name: str = "register") -> dict:
+    """The register stage under both front ends: a nested run (``run_name``) under the tracker's parent run,
     in which ``version(parent_run_id)`` registers the model (:func:`register_version`: pyfunc, new version,
     gate, aliases) or finds the version a cached run registered — returning ``(outcome, cached)``; the
     nested run records the outcome, and the model appears in the Models column of both runs."""
     client = tracker.client
-    nested = client.create_run(tracker.experiment_id, run_name="register", tags={
+    nested = client.create_run(tracker.experiment_id, run_name=run_name, tags={
         "mlflow.parentRunId": tracker.run_id, "diffprune.stage": "register"}).info.run_id
     try:
         outcome, cached = version(tracker.run_id)

@@ -118,15 +118,26 @@ def _register(ctx: RunContext, rows: list[dict]) -> None:
     """Every finished branch's model as a version of the registry, each through the gate. Worst FID ratio
     first: a version is compared with the champion before it, so the champion only moves to a better branch
     and ends on the best one that passes (unless an earlier run's is clearly better)."""
-    done = [r for r in rows if "error" not in r]
+    from diffprune.tracking.register import registry_link
+
+    done, outcomes = [r for r in rows if "error" not in r], {}
     for row in sorted(done, key=lambda r: -math.inf if r.get("fid_ratio") is None else r["fid_ratio"], reverse=True):
         label = row["label"]
         refs = {s.name: store.reference(s.name, ctx.keys.get(f"{label}/{s.name}") or ctx.keys[s.name])
                 for s in LIBRARY}
         outcome = ctx.register(refs, {**summary_of(ctx.settings.store, refs), "branch": label}, f"{label}/register")
         if outcome:
-            row.update(registered=outcome["model_uri"], aliases=",".join(outcome["aliases"]),
-                       gate="passed" if outcome["gate"]["passed"] else "refused")
+            outcomes[label] = outcome
+
+    def aliases_now(tracker) -> None:  # a later branch takes `candidate` (and maybe `champion`) from an earlier one
+        for o in outcomes.values():
+            o["aliases"] = sorted(tracker.client.get_model_version(o["name"], o["version"]).aliases)
+
+    ctx.tracked("reading the registered versions' aliases", aliases_now)
+    for row in done:
+        if (o := outcomes.get(row["label"])) is not None:
+            row.update(registered=o["model_uri"], aliases=",".join(o["aliases"]),
+                       gate="passed" if o["gate"]["passed"] else "refused", registry=registry_link(o))
 
 
 def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
@@ -139,7 +150,7 @@ def _publish(rows: list[dict], params: Params, run_name: str) -> dict:
         markdown += "\n## Paired by seed\n\n" + paired.render(done)
     if any("registered" in r for r in rows):
         markdown += "\n## Registered\n\n" + "\n".join(
-            f"- {r['label']}: `{r['registered']}` aliases {r['aliases'] or '-'} (gate {r['gate']})"
+            f"- {r['label']}: {r['registry']}"
             for r in rows if "registered" in r) + "\n"
     for r in rows:
         if "error" in r:

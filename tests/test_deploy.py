@@ -62,5 +62,5 @@ def test_a_bad_job_variables_value_names_its_key(tmp_path):
 
     params = flow_params(tmp_path, schedule={"job_variables": ["image"]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(DiffpruneError, match="schedule.job_variables"):
+    with pytest.raises(DiffpruneError, match=r"schedule\.job_variables"):
         load_params(str(tmp_path / "params.yaml"))

@@ -175,6 +175,10 @@ def test_sweep_fans_out_on_a_local_dask_cluster_and_shares_scores(project):
     assert set(versions) == {r["label"] for r in result["rows"]}
     best = min(result["rows"], key=lambda r: r["fid_ratio"])
     assert client.get_model_version_by_alias(name, "champion").version == versions[best["label"]].version
+    for label, version in versions.items():  # each branch's own sample grid, none overwritten by another's
+        assert f"samples/{label}/grid_pairs.png" in version.description
+    logged = {a.path for a in client.list_artifacts(versions[best["label"]].run_id, "samples")}
+    assert logged == {f"samples/{label}" for label in versions}
     assert "## Registered" in result["table"]
     assert {r["criterion"] for r in result["rows"]} == {"diff-pruning", "magnitude"}
     assert all(r["macs_ratio"] <= r["target_macs"] + 1e-9 for r in result["rows"])

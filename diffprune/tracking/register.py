@@ -96,7 +96,8 @@ def _champion(client: MlflowClient, name: str) -> tuple[str | None, dict | None]
 
 
 def _description(summary: dict, name: str, version: str, run_id: str | None, grid: str | None) -> str:
-    """The report's headline numbers (markdown) and, when the grid was logged, the sample grid inline."""
+    """The report's headline numbers (markdown) and, when the grid was logged (``grid``: its artifact path in
+    ``run_id``), the sample grid inline."""
     try:
         text = render(summary, title=f"{name} version {version}")
     except (KeyError, TypeError):  # a caller's partial summary (not a pipeline headline): what it has
@@ -105,9 +106,8 @@ def _description(summary: dict, name: str, version: str, run_id: str | None, gri
             f"{k} {tags[k]}" for k in ("fid_ratio", "macs_ratio", "fid", "teacher_fid") if k in tags) + "\n"
     if run_id and grid:
         # Relative URLs: the UI serves artifacts under the page's own origin and prefix.
-        path = f"samples/{grid}"
-        url = f"get-artifact?path={quote(path)}&run_uuid={run_id}"
-        text += f"\n![rows alternate: teacher above pruned, same noise]({url})\n\nSamples: run `{run_id}`, `{path}`.\n"
+        url = f"get-artifact?path={quote(grid)}&run_uuid={run_id}"
+        text += f"\n![rows alternate: teacher above pruned, same noise]({url})\n\nSamples: run `{run_id}`, `{grid}`.\n"
     return text
 
 
@@ -146,8 +146,10 @@ def register_version(model_dir: str | Path, summary: dict, params: RegisterParam
             lineage.link_model(client, [run_id], model_id)
         logged_grid = None
         if run_id and grid is not None and Path(grid).is_file():
-            client.log_artifact(run_id, str(grid), "samples")
-            logged_grid = Path(grid).name
+            # A sweep registers several branches from one run: each grid under its branch, none overwritten.
+            where = f"samples/{summary['branch']}" if summary.get("branch") else "samples"
+            client.log_artifact(run_id, str(grid), where)
+            logged_grid = f"{where}/{Path(grid).name}"
     new = mlflow.register_model(info.model_uri, name, tags=version_tags(summary))
     version = str(new.version)
     client.update_model_version(name, version, description=_description(summary, name, version, run_id, logged_grid))
@@ -204,7 +206,7 @@ def registry_link(outcome: dict) -> str:
     """How reports point at a registered version: its URI, aliases and the gate's verdict."""
     failed = "; ".join(r for r in outcome["gate"]["reasons"] if "fail" in r.lower())
     gate = "passed" if outcome["gate"]["passed"] else f"refused: {failed}" if failed else "refused"
-    return f"`{outcome['model_uri']}` aliases {', '.join(outcome['aliases'])} (gate {gate})"
+    return f"`{outcome['model_uri']}` aliases {', '.join(outcome['aliases']) or 'none'} (gate {gate})"
 
 
 def load_champion(name: str, alias: str = CHAMPION) -> mlflow.pyfunc.PyFuncModel:

@@ -1,6 +1,6 @@
 """One sweep branch through a Prefect work pool vs the same branch on the submitting host.
 
-    python benchmarks/pool_overhead.py            # the default params: one branch of ~5 minutes each way
+    python benchmarks/pool_overhead.py            # the default params: one branch of ~6.5 minutes each way
     python benchmarks/pool_overhead.py --quick    # 100 fine-tuning steps, one 128-image evaluation seed
 
 A `prefect server start`, an S3 store (SeaweedFS) and one process-pool worker, all on loopback (the launchers

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servers import stop_group
+from servers import free_port, stop_group
 
 DASK = Path(sys.executable).with_name("dask")
 
@@ -32,12 +32,6 @@ class DaskCluster:
         """The tail of every process's log, for a failing assertion."""
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(
             self.folder.rglob("*.log")))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_env(api_url: str | None, home: Path) -> dict[str, str]:
@@ -101,7 +95,7 @@ def dask_cluster(folder: Path, api_url: str | None, workers: int = 2,
     cluster = None
     try:
         for attempt in range(3):  # another process may take the chosen port before the scheduler binds it
-            port = _free_port()
+            port = free_port()
             argv = [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                     "--dashboard-address", "127.0.0.1:0"]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}

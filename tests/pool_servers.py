@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import wait_http
+from servers import free_port, wait_http
 
 MARKER = "DIFFPRUNE_TEST_PROCESS"
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def marked(marker: str) -> list[int]:
@@ -97,8 +90,6 @@ class Cluster:
         raise AssertionError(f"worker {name} did not start within {timeout_s:.0f} s:\n{self.log(name)}")
 
 
-
-
 @contextlib.contextmanager
 def prefect_cluster(folder: Path, timeout_s: float = 180.0) -> Iterator[Cluster]:
     """``prefect server start`` on 127.0.0.1 (SQLite in its own PREFECT_HOME); workers are added with
@@ -109,7 +100,7 @@ def prefect_cluster(folder: Path, timeout_s: float = 180.0) -> Iterator[Cluster]
                  "DO_NOT_TRACK": "true", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
     try:
         for attempt in range(3):  # another process may take the chosen port before the server binds it
-            port = _free_port()
+            port = free_port()
             api = f"http://127.0.0.1:{port}/api"
             cluster = Cluster(api, {**base, "PREFECT_API_URL": api}, folder, marker, {})
             server_env = {**base, "PREFECT_HOME": str(folder / f"server{attempt}"),
